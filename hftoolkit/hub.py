@@ -1,0 +1,692 @@
+"""Publish a run directory to the Hugging Face Hub: model card, the exact folder uploaded, and a retried push.
+
+Usage: hftoolkit push runs/example --repo-id your-name/gpt2-xsum [--private] [--revision REV] [--dry-run]
+
+The only module that talks to huggingface_hub. What gets uploaded is staged first into a folder (a temp dir
+beside the run, or RUN_DIR/hub_dry_run/ with --dry-run), so a dry run shows byte-for-byte what a push sends and
+a failed push never touches the run directory:
+
+    config.json, model.safetensors, tokenizer files, generation_config.json, hftoolkit.json   (RUN_DIR/model/*)
+    README.md                                  the model card (build_model_card)
+    hftoolkit/config.yaml, results.json        the resolved recipe and the scores
+    hftoolkit/predictions_sample.jsonl         the first 50 evaluation predictions
+    hftoolkit/plots/*.png, hftoolkit/report.md when report.py wrote them
+
+checkpoints/ is never uploaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import mmap
+import os
+import re
+import shutil
+import string
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2  # huggingface_hub 2.x is built on httpx2 (not requests, not httpx): its transport errors
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.utils import get_token, set_client_factory, validate_repo_id
+
+from hftoolkit import __version__
+from hftoolkit.errors import UserError
+from hftoolkit.report import LOSS_LIKE, fmt, is_number, read_run, results_table, throughput_summary
+
+logger = logging.getLogger(__name__)
+
+DRY_RUN_DIR = "hub_dry_run"
+PREDICTIONS_SAMPLE_LINES = 50
+CARD_SAMPLE_PREDICTIONS = 3
+DEFAULT_LICENSE = "apache-2.0"
+
+# Our task name -> (model-index task type, pretty name).
+TASK_TYPES = {
+    "generation": ("text-generation", "Text Generation"),
+    "summarization": ("summarization", "Summarization"),
+    "translation": ("translation", "Translation"),
+    "qa": ("question-answering", "Question Answering"),
+}
+
+# Retried: the network and the server's bad moments. Not retried: 4xx, which no amount of waiting fixes.
+_TRANSIENT_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
+_TRANSIENT_STATUS = {408, 429}
+_AUTH_STATUS = {401, 403, 404}
+
+# Tokens shorter than this are not searched for in files: a short string would match innocent bytes.
+_MIN_SECRET_LEN = 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model card
+
+
+def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
+    """The README.md of the pushed repo: metadata (with model-index = final scores) and a body.
+
+    `repo_id` goes into the usage snippet; without it the snippet says REPO_ID.
+    """
+    run = read_run(run_dir)
+    cfg = run.config
+    model_cfg = cfg.get("model") or {}
+    data_cfg = cfg.get("data") or {}
+    hub_cfg = cfg.get("hub") or {}
+    model_dir = run.path / "model"
+    model_config = _read_json(model_dir / "config.json")
+    generation = _read_json(model_dir / "hftoolkit.json")
+    task = str(generation.get("task") or run.task)
+    task_type, task_pretty = TASK_TYPES.get(task, ("text-generation", task))
+    model_name = repo_id.split("/")[-1] if repo_id else run.path.name
+    final = {k: v for k, v in run.final().items() if is_number(v)}
+    dataset = _eval_dataset(run.results or {}, data_cfg)
+
+    eval_results = [
+        EvalResult(
+            task_type=task_type,
+            task_name=task_pretty,
+            dataset_type=dataset["name"],
+            dataset_name=dataset["name"] + (f" ({dataset['config']})" if dataset.get("config") else ""),
+            dataset_config=dataset.get("config"),
+            dataset_split=dataset.get("split"),
+            metric_type=name,
+            metric_name=name,
+            metric_value=round(float(value), 4),
+        )
+        for name, value in final.items()
+    ]
+    base_model = _hub_id(model_cfg.get("name_or_path")) if not model_cfg.get("init") else None
+    dataset_id = _hub_id(data_cfg.get("dataset_name"))
+    tags = ["hftoolkit", task, str(model_config.get("model_type") or "gpt2"), "text-generation"]
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=[dataset_id] if dataset_id else None,
+        license=str(hub_cfg.get("license") or DEFAULT_LICENSE),
+        language=_languages(task, {**(generation.get("data") or {}), **data_cfg}),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    body = _card_body(run, model_name, repo_id, base_model, generation, model_config, dataset)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def _card_body(run, model_name, repo_id, base_model, generation, model_config, dataset) -> str:
+    cfg = run.config
+    model_cfg = cfg.get("model") or {}
+    data_cfg = cfg.get("data") or {}
+    task = str(generation.get("task") or run.task)
+    n_params = _count_parameters(run.path / "model")
+    context = model_config.get("n_positions") or model_config.get("max_position_embeddings")
+    arch = ", ".join(
+        f"{model_config[k]} {label}"
+        for k, label in (
+            ("n_layer", "layers"),
+            ("n_embd", "wide"),
+            ("n_head", "heads"),
+            ("vocab_size", "tokens vocab"),
+        )
+        if k in model_config
+    )
+    if base_model:
+        origin = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})"
+    elif model_cfg.get("init"):
+        origin = f"trained from scratch (`model.init: {json.dumps(model_cfg['init'])}`)"
+    else:
+        origin = f"fine-tuned from `{model_cfg.get('name_or_path') or 'a local checkpoint'}`"
+    size = f"{_human_count(n_params)}-parameter " if n_params else ""
+    lines = [
+        f"# {model_name}",
+        "",
+        f"A {size}GPT-2-architecture decoder-only model ({arch or 'see config.json'}), {origin}, for **{task}** "
+        f"on {_data_description(data_cfg)}. Trained and evaluated with "
+        "hftoolkit (`hftoolkit train`); the resolved recipe is in `hftoolkit/config.yaml`.",
+        "",
+    ]
+
+    # Results: both baseline and fine-tuned here; model-index (metadata) carries the fine-tuned scores only.
+    if run.results:
+        lines += ["## Evaluation", ""]
+        lines += results_table(run.baseline(), run.final())
+        lines += [
+            "",
+            f"On `{dataset['name']}`"
+            + (f" ({dataset['config']})" if dataset.get("config") else "")
+            + (f", split `{dataset['split']}`" if dataset.get("split") else "")
+            + (f", {dataset['num_examples']} examples" if dataset.get("num_examples") else "")
+            + ". Scores are on a 0-100 scale"
+            + (
+                f"; {' and '.join(LOSS_LIKE)} are lower-is-better."
+                if any(k in LOSS_LIKE for k in run.final())
+                else "."
+            )
+            + (" *baseline* is the model before fine-tuning, scored the same way." if run.baseline() else ""),
+            "",
+        ]
+
+    template = generation.get("prompt_template")
+    stops = list(generation.get("stop_strings") or [])
+    max_new_tokens = generation.get("max_new_tokens") or (cfg.get("eval") or {}).get("max_new_tokens") or 64
+    num_beams = generation.get("num_beams") or (cfg.get("eval") or {}).get("num_beams") or 1
+    if template:
+        lines += [
+            "## Prompt format",
+            "",
+            "Every prompt (training, evaluation, and yours) is rendered from this template; the model writes the "
+            "completion after it:",
+            "",
+            *_fenced(template, "text"),
+            "",
+            f"Decoding: {'greedy' if num_beams == 1 else f'beam search with {num_beams} beams'}, at most "
+            f"{max_new_tokens} new tokens, stopping at EOS"
+            + (" or at " + ", ".join(f"`{json.dumps(s)}`" for s in stops) if stops else "")
+            + ".",
+            "",
+        ]
+    lines += [
+        "## Usage",
+        "",
+        *_fenced(_usage_snippet(repo_id, template, stops, max_new_tokens, num_beams), "python"),
+        "",
+    ]
+
+    lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
+    for key, value in _hyperparameters(cfg):
+        lines.append(f"| {key} | `{value}` |")
+    summary = throughput_summary(run)
+    compute = []
+    if summary["steps"] is not None:
+        epochs = [line["epoch"] for line in run.train if isinstance(line.get("epoch"), (int, float))]
+        compute.append(
+            f"{summary['steps']} optimizer steps" + (f" ({max(epochs):.2f} epochs)" if epochs else "")
+        )
+    if summary["tokens_per_second"] is not None:
+        compute.append(f"{fmt(summary['tokens_per_second'])} tokens/s on average")
+    if summary["wall_time_s"] is not None:
+        compute.append(f"{summary['wall_time_s'] / 60:.1f} min wall time")
+    losses = [line["loss"] for line in run.train if is_number(line.get("loss"))]
+    if losses:
+        compute.append(f"final training loss {fmt(losses[-1])}")
+    if compute:
+        lines += ["", "Compute: " + "; ".join(compute) + ". Curves are in `hftoolkit/plots/` when present."]
+    lines.append("")
+
+    samples = run.predictions[:CARD_SAMPLE_PREDICTIONS]
+    if samples:
+        lines += [
+            "## Sample predictions",
+            "",
+            f"The first {len(samples)} evaluation examples (more in `hftoolkit/predictions_sample.jsonl`):",
+            "",
+        ]
+        for i, row in enumerate(samples, 1):
+            refs = row.get("references") or []
+            score = f" (score {fmt(row.get('score'))})" if is_number(row.get("score")) else ""
+            lines += [
+                f"**Example {i}**{score}",
+                "",
+                "Prompt:",
+                "",
+                *_fenced(str(row.get("prompt", "")), "text"),
+            ]
+            lines += ["", "Reference:", "", *_fenced(str(refs[0] if refs else ""), "text")]
+            lines += ["", "Prediction:", "", *_fenced(str(row.get("prediction", "")), "text"), ""]
+
+    lines += ["## Limitations", ""]
+    if context:
+        max_seq_len = data_cfg.get("max_seq_len")
+        lines.append(
+            f"- Context window: {context} tokens (prompt plus generated tokens)."
+            + (f" Training examples were cut to {max_seq_len} tokens." if max_seq_len else "")
+        )
+    lines.append(
+        f"- Data: the model only knows what {_data_description(data_cfg)} and its base model taught it; "
+        "expect errors and made-up facts outside that distribution."
+    )
+    if not data_cfg.get("dataset_name") and not data_cfg.get("train_file"):
+        lines.append("- The training data was synthetic: this model demonstrates the pipeline, nothing more.")
+    lines.append(
+        "- A small GPT-2-class model: not evaluated for safety, bias or factuality; not for production decisions."
+    )
+    lines += ["", "## Reproduce", "", *_fenced("hftoolkit train hftoolkit/config.yaml", "bash"), ""]
+    return "\n".join(lines)
+
+
+def _usage_snippet(repo_id, template, stops, max_new_tokens, num_beams) -> str:
+    fields = _template_fields(template) if template else []
+    lines = [
+        "from transformers import pipeline",
+        "",
+        f'generator = pipeline("text-generation", model="{repo_id or "REPO_ID"}")',
+    ]
+    if template:
+        lines.append(f"PROMPT_TEMPLATE = {template!r}")
+    lines.append(f"STOP_STRINGS = {stops!r}")
+    lines.append("")
+    if template and fields:
+        args = ", ".join(f'{name}="Your {name.replace("_", " ")} here."' for name in fields)
+        lines.append(f"prompt = PROMPT_TEMPLATE.format({args})")
+    elif template:
+        lines.append('prompt = PROMPT_TEMPLATE + "Your text here."')
+    else:
+        lines.append('prompt = "Your text here."')
+    lines += [
+        "out = generator(",
+        "    prompt,",
+        f"    max_new_tokens={int(max_new_tokens)},",
+        f"    num_beams={int(num_beams)},",
+        "    do_sample=False,",
+        "    return_full_text=False,",
+        "    stop_sequence=STOP_STRINGS or None,",
+        ")",
+        'completion = out[0]["generated_text"]',
+        "for stop in STOP_STRINGS:  # generation halts after a stop string; cut it off",
+        "    completion = completion.split(stop)[0]",
+        "print(completion.strip())",
+    ]
+    return "\n".join(lines)
+
+
+def _template_fields(template: str) -> list[str]:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError:  # stray braces: not a str.format template
+        return []
+    return list(dict.fromkeys(names))
+
+
+def _fenced(text: str, lang: str) -> list[str]:
+    """A code fence longer than any backtick run inside `text` (predictions can contain ```)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}{lang}", text, fence]
+
+
+def _hyperparameters(cfg: dict) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in (cfg.get("train") or {}).items():
+        if value is None or isinstance(value, (dict, list)):
+            continue
+        rows.append((key, value))
+    data_cfg = cfg.get("data") or {}
+    for key in ("max_seq_len", "packing"):
+        if key in data_cfg:
+            rows.append((f"data.{key}", data_cfg[key]))
+    if "seed" in cfg:
+        rows.append(("seed", cfg["seed"]))
+    return rows
+
+
+def _data_description(data_cfg: dict) -> str:
+    if data_cfg.get("dataset_name"):
+        name = data_cfg["dataset_name"]
+        config = f" ({data_cfg['dataset_config_name']})" if data_cfg.get("dataset_config_name") else ""
+        return f"[{name}](https://huggingface.co/datasets/{name}){config}"
+    if data_cfg.get("train_file"):
+        return f"local data (`{Path(str(data_cfg['train_file'])).name}`)"
+    return "synthetic data (`hftoolkit.synthetic`)"
+
+
+def _eval_dataset(results: dict, data_cfg: dict) -> dict[str, Any]:
+    """model-index wants a dataset name and type: results.json's eval_dataset, else what the recipe says."""
+    recorded = dict(results.get("eval_dataset") or {})
+    if not recorded.get("name"):
+        if data_cfg.get("dataset_name"):
+            recorded.update(name=data_cfg["dataset_name"], config=data_cfg.get("dataset_config_name"))
+        elif data_cfg.get("validation_file"):
+            recorded.update(name=Path(str(data_cfg["validation_file"])).name)
+        else:
+            recorded.update(name="synthetic")
+    recorded["name"] = str(recorded["name"])
+    return recorded
+
+
+def _languages(task: str, data_cfg: dict) -> list[str] | None:
+    if task != "translation":
+        return None
+    # Only real ISO 639 codes: the Hub rejects others, and the synthetic data uses "xx" on purpose.
+    codes = [data_cfg.get("source_lang"), data_cfg.get("target_lang")]
+    codes = [c for c in codes if isinstance(c, str) and re.fullmatch(r"[a-z]{2,3}", c) and c != "xx"]
+    return list(dict.fromkeys(codes)) or None
+
+
+def _hub_id(name: Any) -> str | None:
+    """`name` if it can be a Hub id (metadata must not point at a local folder), else None."""
+    if not isinstance(name, str) or not name or Path(name).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _count_parameters(model_dir: Path) -> int:
+    """Sum of tensor sizes from the safetensors headers (8-byte length + JSON), without loading weights."""
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in info.get("shape", []):
+                    count *= dim
+                total += count
+    return total
+
+
+def _human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{path} is not valid JSON ({err.msg}, line {err.lineno}): fix it or re-save the model"
+        ) from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Staging
+
+
+def stage_upload(
+    run_dir: str | os.PathLike,
+    dest_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    token: str | None = None,
+) -> Path:
+    """Write exactly the folder a push uploads into `dest_dir` (must be empty or absent) and return it.
+
+    The Hub token (`token`, else HF_TOKEN / the login cache) is replaced by REDACTED (valid in YAML and JSON,
+    unlike '***', a YAML alias) in the text files written here; if it turns up in any other staged file the push is refused rather than leak it.
+    """
+    run_path = _check_run_dir(run_dir)
+    dest = Path(dest_dir)
+    if dest.exists() and any(dest.iterdir()):
+        raise UserError(f"staging folder {dest} is not empty: remove it or choose another folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    secret = token if token is not None else get_token()
+    secret = secret if secret and len(secret) >= _MIN_SECRET_LEN else None
+
+    model_dir = run_path / "model"
+    for src in sorted(model_dir.rglob("*")):
+        rel = src.relative_to(model_dir)
+        # Temp files of an interrupted save (".x.tmp") and an old README are not part of the model.
+        if (
+            not src.is_file()
+            or any(part.startswith(".") for part in rel.parts)
+            or rel.as_posix() == "README.md"
+        ):
+            continue
+        _link_or_copy(src, dest / rel)
+
+    texts = {"README.md": str(build_model_card(run_path, repo_id))}
+    for name in ("config.yaml", "results.json", "report.md"):
+        if (run_path / name).is_file():
+            texts[f"hftoolkit/{name}"] = (run_path / name).read_text(encoding="utf-8")
+    predictions = run_path / "predictions.jsonl"
+    if predictions.is_file():
+        with predictions.open(encoding="utf-8") as f:
+            head = list(itertools.islice(f, PREDICTIONS_SAMPLE_LINES))
+        texts["hftoolkit/predictions_sample.jsonl"] = "".join(head)
+    for rel, text in texts.items():
+        if secret and secret in text:
+            logger.warning("redacted the Hub token from %s before staging it", rel)
+            text = text.replace(secret, "REDACTED")
+        _write_new(dest / rel, text.encode("utf-8"))
+    for png in sorted((run_path / "plots").glob("*.png")):
+        _link_or_copy(png, dest / "hftoolkit" / "plots" / png.name)
+
+    if secret:
+        for path in sorted(p for p in dest.rglob("*") if p.is_file()):
+            if _file_contains(path, secret.encode("utf-8")):
+                rel = path.relative_to(dest).as_posix()
+                shutil.rmtree(dest, ignore_errors=True)
+                raise UserError(
+                    f"{rel} (staged from {run_path}) contains your Hub token: remove it from that file before "
+                    "pushing; nothing was uploaded"
+                )
+    return dest
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link when possible (multi-GB weights cost no space or time), else copy. Never written through."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    # Unlink first: `path` may be a hard link into the run directory, which must not change.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+
+
+def _file_contains(path: Path, needle: bytes) -> bool:
+    if path.stat().st_size < len(needle):
+        return False
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(needle) != -1
+
+
+def _check_run_dir(run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(
+            f"run directory {path} does not exist: pass the output_dir of a finished training run"
+        )
+    if not (path / "model").is_dir():
+        raise UserError(
+            f"{path}/model/ is missing: {path} has no saved model to push (let the training run finish)"
+        )
+    if not (path / "model" / "config.json").is_file():
+        raise UserError(f"{path}/model/config.json is missing: {path}/model is not a save_pretrained folder")
+    return path
+
+
+def _check_repo_id(repo_id: Any) -> None:
+    try:
+        if not isinstance(repo_id, str) or not repo_id:
+            raise HFValidationError("empty")
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(
+            f"--repo-id {repo_id!r} is not a Hub repo id: use NAME or NAMESPACE/NAME "
+            "(letters, digits, '-', '_', '.'; no '--' or '..'), e.g. your-name/gpt2-xsum"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Push
+
+
+def push_run(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    max_retries: int = 4,
+    backoff_s: float = 1.0,
+    endpoint: str | None = None,
+    timeout_s: float | None = 60.0,
+) -> str:
+    """Create (or reuse) `repo_id` and upload the staged run in one commit; return the commit URL.
+
+    dry_run: stage into RUN_DIR/hub_dry_run/ and return that path; nothing is sent.
+    token: None uses HF_TOKEN or the `hf auth login` cache. endpoint: None uses $HF_ENDPOINT, else the Hub.
+    Network errors, timeouts (`timeout_s` per HTTP request) and 5xx/408/429 are retried `max_retries` times
+    with exponential backoff from `backoff_s`; 401/403/404 fail at once.
+    """
+    run_path = _check_run_dir(run_dir)
+    _check_repo_id(repo_id)
+    if dry_run:
+        target = run_path / DRY_RUN_DIR
+        # Staged next to its final place, then swapped in: an interrupted dry run leaves the old one intact.
+        staging = run_path / f".{DRY_RUN_DIR}.{os.getpid()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            stage_upload(run_path, staging, repo_id=repo_id, token=token)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        return str(target)
+
+    secret = token or get_token()
+    retry_command = f"hftoolkit push {run_path} --repo-id {repo_id}"
+    retry_command += " --private" if private else ""
+    retry_command += f" --revision {revision}" if revision else ""
+    if constants.is_offline_mode():
+        raise UserError(
+            f"HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, then run: {retry_command}"
+        )
+
+    api = HfApi(
+        endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None,
+        token=token,
+        library_name="hftoolkit",
+        library_version=__version__,
+    )
+    attempts = max(1, max_retries + 1)
+    with _staging_dir(run_path) as tmp:
+        staged = stage_upload(run_path, Path(tmp) / "upload", repo_id=repo_id, token=secret)
+        for attempt in range(1, attempts + 1):
+            try:
+                with _request_timeout(timeout_s):
+                    url = _push_once(api, staged, repo_id, private, revision, commit_message, run_path.name)
+                logger.info("pushed %s to %s", run_path, _scrub(url, secret))
+                return url
+            except OfflineModeIsEnabled:
+                raise UserError(
+                    f"HF_HUB_OFFLINE is set, so nothing can be pushed: unset it, then run: {retry_command}"
+                ) from None
+            except (HfHubHTTPError, *_TRANSIENT_ERRORS) as err:
+                reason = _scrub(_short_reason(err, timeout_s), secret)
+                status = _status(err)
+                if status in _AUTH_STATUS:
+                    raise UserError(
+                        f"push of {run_path} to {repo_id} was refused ({reason}): check HF_TOKEN or run "
+                        "`hf auth login`, and that the token can write to that namespace"
+                    ) from None
+                if status is not None and status < 500 and status not in _TRANSIENT_STATUS:
+                    raise UserError(
+                        f"push of {run_path} to {repo_id} was rejected ({reason}); fix that, then run: {retry_command}"
+                    ) from None
+                if attempt == attempts:
+                    raise UserError(
+                        f"push of {run_path} to {repo_id} failed after {attempts} attempts ({reason}); "
+                        f"retry with: {retry_command}"
+                    ) from None
+                delay = backoff_s * 2 ** (attempt - 1)
+                logger.warning(
+                    "push attempt %d/%d failed (%s); retrying in %.1fs", attempt, attempts, reason, delay
+                )
+                time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _staging_dir(run_path: Path) -> Iterator[str]:
+    """A temp dir next to the run (same filesystem: model files are hard-linked, not copied into a possibly
+    small /tmp), outside it (the run dir is never modified); the system temp dir if the parent is read-only."""
+    try:
+        context = tempfile.TemporaryDirectory(prefix=f".{run_path.name}.hftoolkit-push-", dir=run_path.parent)
+    except OSError:
+        context = tempfile.TemporaryDirectory(prefix="hftoolkit-push-")
+    with context as tmp:
+        yield tmp
+
+
+def _push_once(api, staged, repo_id, private, revision, commit_message, run_name) -> str:
+    # Every step is idempotent, so a retry after a half-done attempt is safe: the repo and branch may exist,
+    # and re-uploading identical files is a no-op commit on the Hub.
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    full_id = repo_url.repo_id  # "name" alone resolves to "your-user/name"
+    if revision and revision != constants.DEFAULT_REVISION:
+        api.create_branch(full_id, branch=revision, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        folder_path=staged,
+        repo_id=full_id,
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message or f"Upload run {run_name} with hftoolkit",
+    )
+    return str(info.commit_url)
+
+
+@contextlib.contextmanager
+def _request_timeout(timeout_s: float | None) -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client a timeout for the duration of the push.
+
+    huggingface_hub 2.x builds its httpx2 client with `timeout=None` and the API calls (create_repo, preupload,
+    commit) pass none, so a stalled server hangs forever; HF_HUB_ETAG_TIMEOUT/HF_HUB_DOWNLOAD_TIMEOUT only cover
+    downloads. We wrap whatever client factory is installed (keeping a user's proxy settings) and restore it.
+    """
+    if timeout_s is None:
+        yield
+        return
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def factory() -> httpx2.Client:
+        client = previous()
+        client.timeout = httpx2.Timeout(timeout_s)
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def _status(err: Exception) -> int | None:
+    response = getattr(err, "response", None) if isinstance(err, HfHubHTTPError) else None
+    return getattr(response, "status_code", None)
+
+
+def _short_reason(err: Exception, timeout_s: float | None) -> str:
+    status = _status(err)
+    if status is not None:
+        detail = getattr(err, "server_message", None) or ""
+        detail = detail.strip().splitlines()[0][:200] if detail.strip() else ""
+        return f"HTTP {status}" + (f": {detail}" if detail else "")
+    if isinstance(err, httpx2.TimeoutException):
+        return f"{type(err).__name__}: no answer within {timeout_s}s"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text

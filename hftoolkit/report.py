@@ -1,0 +1,422 @@
+"""Read a finished run directory and summarise it: plots, report.md, and a side-by-side table of runs.
+
+Usage: python -c "from hftoolkit.report import write_report; write_report('runs/example')"
+
+A run directory is data written by our training code (see CONTRACT.md); a run that stopped early or was
+eval-only lacks some of it, so every reader here tolerates missing files and keys. The same readers feed the
+model card in hub.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import statistics
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hftoolkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Lower is better for these; every other score in results.json is 0-100, higher is better.
+LOSS_LIKE = ("eval_loss", "perplexity")
+# Eval-line keys that are bookkeeping, not task metrics.
+_NOT_METRICS = {"kind", "step", "epoch", "eval_loss", "perplexity", "num_examples"}
+PLOT_NAMES = ("loss.png", "metric.png", "throughput.png")
+# Keys a run may use to record elapsed training time, in seconds (first found wins).
+_WALL_TIME_KEYS = ("train_runtime_s", "wall_time_s", "elapsed_s", "train_runtime")
+
+
+@dataclass
+class Run:
+    """Everything a report or a model card needs from one run directory."""
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] | None = None
+    train: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines with kind == "train"
+    evals: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines with kind == "eval"
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return str(self.config.get("task") or "generation")
+
+    @property
+    def model_name(self) -> str:
+        model = self.config.get("model") or {}
+        if model.get("init"):
+            init = model["init"]
+            preset = init.get("preset") if isinstance(init, dict) else init
+            return f"init:{preset}"
+        return str(model.get("name_or_path") or "-")
+
+    @property
+    def steps(self) -> int | None:
+        steps = [line["step"] for line in self.train if isinstance(line.get("step"), int)]
+        return max(steps) if steps else None
+
+    def baseline(self) -> dict[str, float]:
+        return dict((self.results or {}).get("baseline") or {})
+
+    def final(self) -> dict[str, float]:
+        return dict((self.results or {}).get("final") or {})
+
+    def wall_time_s(self) -> float | None:
+        for source in [self.results or {}, *reversed(self.train)]:
+            for key in _WALL_TIME_KEYS:
+                if is_number(source.get(key)):
+                    return float(source[key])
+        return None
+
+
+def read_run(run_dir: str | os.PathLike, *, require_results: bool = False) -> Run:
+    """Load config.yaml, results.json, metrics.jsonl and predictions.jsonl, whichever exist."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"run directory {path} does not exist: pass the output_dir of a training run")
+    run = Run(path=path)
+    config_file = path / "config.yaml"
+    if config_file.is_file():
+        try:
+            loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise UserError(
+                f"{config_file} is not valid YAML ({type(err).__name__}): fix or restore it"
+            ) from None
+        run.config = loaded if isinstance(loaded, dict) else {}
+    results_file = path / "results.json"
+    if results_file.is_file():
+        try:
+            loaded = json.loads(results_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{results_file} is not valid JSON ({err.msg}, line {err.lineno}): re-run the evaluation"
+            ) from None
+        run.results = loaded if isinstance(loaded, dict) else {}
+    elif require_results:
+        raise UserError(f"{results_file} is missing: {path} is not a finished run (train or eval it first)")
+    for line in _read_jsonl(path / "metrics.jsonl"):
+        (run.evals if line.get("kind") == "eval" else run.train).append(line)
+    run.predictions = _read_jsonl(path / "predictions.jsonl")
+    return run
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if not path.is_file():
+        return rows
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(rows) >= limit:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                # A run killed mid-write leaves a truncated last line; the rest is still worth reporting.
+                logger.warning("skipping unreadable line in %s", path)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fmt(value: Any, signed: bool = False) -> str:
+    """Two decimals for 0-100 scores, four below 1 (losses), one above 100 (perplexities); '-' if missing."""
+    if not is_number(value):
+        return "-"
+    digits = 1 if abs(value) >= 100 else 2 if abs(value) >= 1 or value == 0 else 4
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def metric_names(*dicts: dict[str, Any]) -> list[str]:
+    """Union of keys in first-seen order, task metrics first and losses last."""
+    names: list[str] = []
+    for d in dicts:
+        names += [k for k in d if k not in names]
+    return [n for n in names if n not in LOSS_LIKE] + [n for n in LOSS_LIKE if n in names]
+
+
+def results_table(baseline: dict[str, Any], final: dict[str, Any]) -> list[str]:
+    """Markdown table rows: metric | baseline | fine-tuned | delta (or metric | score for eval-only runs)."""
+    if not baseline:
+        rows = ["| metric | score |", "|---|---:|"]
+        return rows + [f"| {name} | {fmt(final.get(name))} |" for name in metric_names(final)]
+    rows = ["| metric | baseline | fine-tuned | Δ |", "|---|---:|---:|---:|"]
+    for name in metric_names(baseline, final):
+        before, after = baseline.get(name), final.get(name)
+        delta = after - before if is_number(before) and is_number(after) else None
+        label = f"{name} (lower is better)" if name in LOSS_LIKE else name
+        rows.append(f"| {label} | {fmt(before)} | {fmt(after)} | {fmt(delta, signed=True)} |")
+    return rows
+
+
+def throughput_summary(run: Run) -> dict[str, float | int | None]:
+    def mean(key: str) -> float | None:
+        values = [line[key] for line in run.train if is_number(line.get(key))]
+        return statistics.fmean(values) if values else None
+
+    return {
+        "steps": run.steps,
+        "tokens_per_second": mean("tokens_per_second"),
+        "target_tokens_per_second": mean("target_tokens_per_second"),
+        "mfu": mean("mfu"),
+        "wall_time_s": run.wall_time_s(),
+    }
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open(..., "xb") rather than mkstemp: the file gets the usual umask permissions, not 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _series(lines: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [
+        (line["step"], line[key])
+        for line in lines
+        if is_number(line.get("step")) and is_number(line.get(key))
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def headline_metrics(run: Run) -> list[str]:
+    """What metric.png shows: perplexity for generation, else the task metrics the eval lines carry."""
+    if run.task == "generation":
+        return ["perplexity"]
+    names = metric_names(*run.evals)
+    return [
+        n
+        for n in names
+        if n not in _NOT_METRICS
+        and not n.endswith(("_runtime", "_per_second"))
+        and any(is_number(e.get(n)) for e in run.evals)
+    ]
+
+
+def write_plots(run_dir: str | os.PathLike) -> list[Path]:
+    """loss.png, metric.png, throughput.png in RUN_DIR/plots/; a plot without data is skipped."""
+    # The object-oriented API with an explicit Agg canvas: no pyplot, no global backend switch, thread-safe.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run = read_run(run_dir)
+    plots_dir = run.path / "plots"
+    written: list[Path] = []
+
+    def save(name: str, title: str, ylabel: str, series: list[tuple[str, list, list, dict]]) -> None:
+        series = [s for s in series if s[1]]
+        if not series:
+            logger.info("no data for %s; skipping it", name)
+            (plots_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier run would mislead
+            return
+        fig = Figure(figsize=(6.4, 4.0), dpi=100)
+        FigureCanvasAgg(fig)
+        # Fixed margins: a tight/constrained layout draws every figure twice, which is most of the cost here.
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)
+        ax = fig.add_subplot()
+        for label, xs, ys, style in series:
+            ax.plot(xs, ys, label=label, **style)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        atomic_write(plots_dir / name, buf.getvalue())
+        written.append(plots_dir / name)
+
+    marker = {"marker": "o"}
+    save(
+        "loss.png",
+        f"{run.path.name}: loss",
+        "cross-entropy (nats/token)",
+        [
+            ("train loss", *_series(run.train, "loss"), {}),
+            ("eval loss", *_series(run.evals, "eval_loss"), marker),
+        ],
+    )
+    names = headline_metrics(run)
+    save(
+        "metric.png",
+        f"{run.path.name}: {run.task} metrics",
+        "perplexity" if names == ["perplexity"] else "score (0-100)",
+        [(name, *_series(run.evals, name), marker) for name in names],
+    )
+    save(
+        "throughput.png",
+        f"{run.path.name}: throughput",
+        "tokens / second",
+        [
+            ("all tokens", *_series(run.train, "tokens_per_second"), {}),
+            (
+                "target (loss-bearing) tokens",
+                *_series(run.train, "target_tokens_per_second"),
+                {"linestyle": "--"},
+            ),
+        ],
+    )
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _config_lines(config: dict[str, Any]) -> list[str]:
+    model = config.get("model") or {}
+    data = config.get("data") or {}
+    train = config.get("train") or {}
+    if data.get("dataset_name"):
+        source = f"`{data['dataset_name']}`" + (
+            f" ({data['dataset_config_name']})" if data.get("dataset_config_name") else ""
+        )
+    elif data.get("train_file") or data.get("validation_file"):
+        source = f"train `{data.get('train_file') or '-'}`, validation `{data.get('validation_file') or '-'}`"
+    else:
+        source = "synthetic (hftoolkit.synthetic)"
+    model_text = f"`{model.get('name_or_path') or '-'}`"
+    if model.get("init"):
+        model_text = f"from scratch, init `{json.dumps(model['init'])}`"
+    keys = (
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "max_steps",
+        "warmup_ratio",
+    )
+    hyper = ", ".join(f"{k}={train[k]}" for k in keys if k in train)
+    return [
+        f"- task: **{config.get('task', '-')}**, seed {config.get('seed', '-')}",
+        f"- model: {model_text}",
+        f"- data: {source}; max_seq_len {data.get('max_seq_len', '-')}, packing {data.get('packing', '-')}",
+        f"- hyperparameters: {hyper or '-'}",
+    ]
+
+
+def _prediction_block(row: dict[str, Any]) -> list[str]:
+    refs = row.get("references") or []
+    return [
+        f"- score **{fmt(row.get('score'))}**",
+        f"  - prompt: {_one_line(row.get('prompt'))}",
+        f"  - reference: {_one_line(refs[0] if refs else '')}",
+        f"  - prediction: {_one_line(row.get('prediction'))}",
+    ]
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    text = " ⏎ ".join(str(text or "").splitlines())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return "`" + text.replace("`", "'") + "`"
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """RUN_DIR/report.md, linking the plots that write_plots left in RUN_DIR/plots/ (call it first)."""
+    run = read_run(run_dir)
+    plots = [run.path / "plots" / name for name in PLOT_NAMES if (run.path / "plots" / name).is_file()]
+    lines = [f"# Run report: {run.path.name}", "", "## Configuration", "", *_config_lines(run.config), ""]
+
+    lines += ["## Results", ""]
+    if run.results is None:
+        lines += ["No results.json: the run did not finish its evaluation.", ""]
+    else:
+        lines += [*results_table(run.baseline(), run.final()), ""]
+        dataset = run.results.get("eval_dataset") or {}
+        if dataset:
+            lines += [
+                f"Evaluated on `{dataset.get('name', '-')}` (config {dataset.get('config') or '-'}, split "
+                f"{dataset.get('split', '-')}, {dataset.get('num_examples', '-')} examples). Scores are 0-100.",
+                "",
+            ]
+
+    scored = [row for row in run.predictions if is_number(row.get("score"))]
+    if scored:
+        ranked = sorted(scored, key=lambda row: row["score"], reverse=True)
+        k = min(3, len(ranked) // 2) or 1
+        lines += ["## Predictions", "", f"Best {k} of {len(ranked)} by score:", ""]
+        for row in ranked[:k]:
+            lines += _prediction_block(row)
+        lines += ["", f"Worst {k}:", ""]
+        for row in ranked[-k:][::-1]:
+            lines += _prediction_block(row)
+        lines.append("")
+
+    summary = throughput_summary(run)
+    lines += ["## Throughput", ""]
+    lines.append(f"- optimizer steps: {summary['steps'] if summary['steps'] is not None else '-'}")
+    lines.append(f"- mean tokens/s: {fmt(summary['tokens_per_second'])}")
+    if summary["target_tokens_per_second"] is not None:
+        lines.append(
+            f"- mean target (non-padding, unmasked) tokens/s: {fmt(summary['target_tokens_per_second'])}"
+        )
+    if summary["mfu"] is not None:
+        lines.append(f"- mean MFU: {fmt(summary['mfu'])}")
+    if summary["wall_time_s"] is not None:
+        lines.append(f"- wall time: {summary['wall_time_s']:.0f} s")
+    lines.append("")
+
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+        lines.append("")
+
+    path = run.path / "report.md"
+    atomic_write(path, "\n".join(lines).encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compare runs
+
+
+def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
+    """A markdown table, one row per run: final metrics with their delta vs baseline in parentheses."""
+    runs = [read_run(d, require_results=True) for d in run_dirs]
+    names = metric_names(*[r.final() for r in runs], *[r.baseline() for r in runs])
+    header = ["run", "task", "model", "steps", *names]
+    rows = [header, ["---"] * 3 + ["---:"] * (len(header) - 3)]
+    for run in runs:
+        baseline, final = run.baseline(), run.final()
+        cells = []
+        for name in names:
+            value, before = final.get(name), baseline.get(name)
+            cell = fmt(value)
+            if is_number(value) and is_number(before):
+                cell += f" ({fmt(value - before, signed=True)})"
+            cells.append(cell)
+        steps = str(run.steps) if run.steps is not None else "-"
+        rows.append([str(run.path), run.task, run.model_name, steps, *cells])
+    table = ["| " + " | ".join(row) + " |" for row in rows]
+    legend = (
+        "Final scores (0-100; eval_loss and perplexity lower is better), delta vs baseline in parentheses."
+    )
+    return "\n".join([*table, "", legend])
