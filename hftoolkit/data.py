@@ -1,0 +1,443 @@
+"""Load (Hub / local files / synthetic) → format via the task → tokenize with a loss mask → pack or pad.
+
+Label rules (the ones other toolkits get wrong):
+- prompt tokens are labelled -100; the target and the EOS appended to it keep their labels;
+- padding is masked by length (the collator), never by token id — GPT-2's pad token *is* EOS;
+- when prompt + target exceed max_seq_len the source field is truncated, not the target; a target that
+  alone exceeds the budget is truncated (and loses its EOS, since it does not end there) and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hftoolkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _check_text_file(path: Path, key: str) -> None:
+    """Fail early, naming the line, on undecodable bytes or malformed JSON lines (datasets' own errors do not)."""
+    is_jsonl = path.suffix == ".jsonl"
+    with path.open("rb") as f:
+        head = f.read(1)
+        f.seek(0)
+        is_jsonl = is_jsonl or (path.suffix == ".json" and head == b"{")
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{key}: {path} line {lineno}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8"
+                ) from None
+            if is_jsonl and line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if lineno == 1 and path.suffix == ".json":
+                        return  # a pretty-printed JSON document, not JSON lines: let datasets parse it
+                    raise UserError(
+                        f"{key}: {path} line {lineno}: malformed JSON ({e.msg}, column {e.colno})"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise UserError(
+                        f"{key}: {path} line {lineno}: expected a JSON object per line, got {type(obj).__name__}"
+                    )
+
+
+def _load_files(data_cfg):
+    from datasets import load_dataset
+
+    files = {}
+    for split, key in (("train", "train_file"), ("validation", "validation_file")):
+        value = getattr(data_cfg, key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.{key}: {value}: no such file")
+        if path.suffix not in EXTENSION_BUILDERS:
+            raise UserError(
+                f"data.{key}: {value}: unsupported extension '{path.suffix}' (use {', '.join(EXTENSION_BUILDERS)})"
+            )
+        if path.suffix in (".txt", ".json", ".jsonl", ".csv"):
+            _check_text_file(path, f"data.{key}")
+        files[split] = str(path)
+    builders = {EXTENSION_BUILDERS[Path(p).suffix] for p in files.values()}
+    if len(builders) > 1:
+        raise UserError(f"data.train_file/validation_file: mixed formats {sorted(builders)}; use one format")
+    builder = builders.pop()
+    try:
+        return load_dataset(builder, data_files=files)
+    except Exception as e:  # datasets wraps parser errors in several types
+        raise UserError(f"data: cannot read {', '.join(files.values())} as {builder} ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+def load_raw_splits(recipe, output_dir: Path):
+    """{"train": Dataset, "validation": Dataset} per the recipe's data section (synthetic / files / Hub)."""
+    from datasets import DatasetDict, load_dataset
+
+    d = recipe.data
+    if d.synthetic is not None:
+        from hftoolkit import synthetic
+
+        # Files on disk, then the same local-file path as user data (and datasets' cache keys on their content).
+        paths = synthetic.make_dataset_files(
+            recipe.task,
+            output_dir / "synthetic_data",
+            d.synthetic.num_train,
+            d.synthetic.num_eval,
+            d.synthetic.seed,
+        )
+        raw = load_dataset("json", data_files={k: str(v) for k, v in paths.items()})
+    elif d.dataset_name is not None:
+        try:
+            raw = load_dataset(d.dataset_name, d.dataset_config_name)
+        except Exception as e:
+            raise UserError(f"data.dataset_name: cannot load '{d.dataset_name}' ({_short(e)})") from None
+    else:
+        raw = _load_files(d)
+    if not isinstance(raw, DatasetDict):
+        raw = DatasetDict({d.train_split: raw})
+    names = list(raw.keys())
+    train_name = d.train_split if d.train_split in raw else ("train" if "train" in raw else None)
+    eval_name = next(
+        (n for n in (d.validation_split, "validation", "valid", "dev", "test") if n in raw), None
+    )
+    if train_name is None and eval_name is None:
+        raise UserError(f"data.train_split: split '{d.train_split}' not found (splits: {', '.join(names)})")
+    splits = {}
+    if train_name is not None and eval_name is not None:
+        splits = {"train": raw[train_name], "validation": raw[eval_name]}
+    elif train_name is not None:
+        held = raw[train_name].train_test_split(
+            test_size=d.validation_split_percentage / 100, seed=recipe.seed
+        )
+        splits = {"train": held["train"], "validation": held["test"]}
+        logger.info("no validation split: held out %d%% of train", d.validation_split_percentage)
+    else:  # only an eval split (e.g. `hftoolkit eval` with validation_file alone)
+        splits = {"validation": raw[eval_name]}
+    for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples)):
+        if split in splits and limit is not None:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            raise UserError(f"data: the {split} split is empty; check the file or data.{split}_split")
+    return splits
+
+
+def check_columns(task, data_cfg, ds, split: str) -> None:
+    columns = list(ds.column_names)
+    for name in task.required_columns(data_cfg, columns):
+        if name not in columns:
+            raise UserError(
+                f"data: column '{name}' not in the {split} data (columns: {', '.join(columns)}); "
+                "set the task's column key (e.g. data.text_column)"
+            )
+    task.fields(ds[0], data_cfg)  # language keys, dict layouts: fail on row 0 rather than mid-map
+    task.references(ds[0], data_cfg)
+
+
+# --------------------------------------------------------------------------------------------- tokenizing
+
+
+@dataclass
+class Stats:
+    """How many examples were cut to fit max_seq_len (reported by `plan`, logged by train)."""
+
+    examples: int = 0
+    source_truncated: int = 0
+    target_truncated: int = 0
+    dropped: int = 0
+    prompt_lengths: list[int] = field(default_factory=list)
+    target_lengths: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, list)}
+
+
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(task, template, tokenizer, rows: list[dict], data_cfg, budget: int) -> list[list[int]]:
+    """Prompt token ids, the source field truncated so each prompt fits `budget` tokens."""
+    pieces = [template.pieces(task.fields(r, data_cfg)) for r in rows]
+    pre, src, suf = (_ids(tokenizer, [p[i] for p in pieces]) for i in range(3))
+    out = []
+    for a, s, b in zip(pre, src, suf, strict=True):
+        room = max(budget - len(a) - len(b), 0)
+        out.append(a + s[:room] + b)
+    return out
+
+
+STAT_COLUMNS = ("prompt_len", "target_len", "source_truncated", "target_truncated", "dropped")
+
+
+def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max_len: int) -> list[dict]:
+    """Prompt/target examples: input_ids = prompt + target + EOS; labels = -100 on the prompt."""
+    eos = tokenizer.eos_token_id
+    pieces = [template.pieces(task.fields(r, data_cfg)) for r in rows]
+    pre, src, suf = (_ids(tokenizer, [p[i] for p in pieces]) for i in range(3))
+    tgt = _ids(tokenizer, [template.target_prefix + task.target(r, data_cfg) for r in rows])
+    examples = []
+    for a, s, b, t in zip(pre, src, suf, tgt, strict=True):
+        fixed = len(a) + len(b)
+        target = t + [eos]
+        stat = {"source_truncated": False, "target_truncated": False, "dropped": False}
+        if fixed + 1 > max_len:
+            # The template alone does not fit: nothing sensible to train on. Kept as a row so it is counted.
+            examples.append(
+                {
+                    "input_ids": [],
+                    "labels": [],
+                    "prompt_len": fixed,
+                    "target_len": len(target),
+                    **stat,
+                    "dropped": True,
+                }
+            )
+            continue
+        if fixed + len(target) > max_len:
+            target = t[: max_len - fixed]  # no EOS: the target does not end here
+            stat["target_truncated"] = True
+        room = max_len - fixed - len(target)
+        if len(s) > room:
+            s = s[:room]
+            stat["source_truncated"] = True
+        prompt = a + s + b
+        examples.append(
+            {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target,
+             "prompt_len": len(prompt), "target_len": len(target), **stat}
+        )  # fmt: skip
+    return examples
+
+
+def encode_documents(task, tokenizer, rows: list[dict], data_cfg, max_len: int, packing: bool) -> list[dict]:
+    """Generation: documents + EOS. Packed: one stream cut into max_len blocks with position ids restarting at
+    every document (so documents never attend to each other). Unpacked: each document in max_len chunks."""
+    eos = tokenizer.eos_token_id
+    docs = [d + [eos] for d in _ids(tokenizer, [task.target(r, data_cfg) for r in rows]) if d]
+    stat = {"prompt_len": 0, "source_truncated": False, "dropped": False}
+    out = []
+    if not packing:
+        for d in docs:
+            for i in range(0, len(d), max_len):
+                chunk = d[i : i + max_len]
+                if len(chunk) > 1:
+                    out.append({"input_ids": chunk, "labels": list(chunk), **stat,
+                                "target_len": len(chunk), "target_truncated": len(d) > max_len})  # fmt: skip
+        return out
+    ids, pos, labels = [], [], []
+    for d in docs:
+        ids.extend(d)
+        pos.extend(range(len(d)))
+        # The first token of a document is not predicted from the previous document's EOS.
+        labels.extend([-100] + d[1:])
+    for i in range(0, len(ids), max_len):
+        block = pos[i : i + max_len]
+        # A document continued from the previous block restarts its positions at 0 in this block.
+        reset = next((j for j in range(1, len(block)) if block[j] == 0), len(block))
+        block = [p - block[0] for p in block[:reset]] + block[reset:]
+        if len(block) > 1:
+            out.append({"input_ids": ids[i : i + max_len], "labels": labels[i : i + max_len], "position_ids": block,
+                        **stat, "target_len": len(block), "target_truncated": False})  # fmt: skip
+    return out
+
+
+def tokenize_split(task, tokenizer, ds, data_cfg, max_len: int, packing: bool):
+    """Tokenize a raw split with datasets.map (batched, cached) into training examples; returns (dataset, Stats).
+
+    Generation packing turns N documents into M blocks, so the batched map returns a different row count.
+    Per-example truncation flags are columns (they survive the cache), summed into Stats afterwards.
+    """
+    template = task.template(data_cfg)
+
+    def encode(batch: dict) -> dict:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        if task.generates:
+            examples = encode_supervised(task, template, tokenizer, rows, data_cfg, max_len)
+        else:
+            examples = encode_documents(task, tokenizer, rows, data_cfg, max_len, packing)
+        keys = [
+            "input_ids",
+            "labels",
+            *(["position_ids"] if (not task.generates and packing) else []),
+            *STAT_COLUMNS,
+        ]
+        return {k: [e[k] for e in examples] for k in keys}
+
+    encoded = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing")
+    cols = encoded.select_columns(list(STAT_COLUMNS)).to_dict()
+    stats = Stats(
+        examples=len(ds),
+        source_truncated=sum(cols["source_truncated"]),
+        target_truncated=sum(cols["target_truncated"]),
+        dropped=sum(cols["dropped"]),
+        prompt_lengths=[n for n, d in zip(cols["prompt_len"], cols["dropped"], strict=True) if not d],
+        target_lengths=[n for n, d in zip(cols["target_len"], cols["dropped"], strict=True) if not d],
+    )
+    if stats.dropped:
+        encoded = encoded.filter(lambda dropped: not dropped, input_columns="dropped")
+    encoded = encoded.remove_columns(list(STAT_COLUMNS))
+    if len(encoded) == 0:
+        raise UserError(
+            f"data: no example fits data.max_seq_len={max_len} ({stats.dropped} dropped); raise max_seq_len"
+        )
+    return encoded, stats
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Deterministic per-epoch shuffle (seed + epoch), optionally grouping similar lengths to cut padding.
+
+    Deterministic from (seed, epoch) alone, so a resumed run sees the same order and skips what it consumed.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        seed: int,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+        batch_size: int = 1,
+    ):
+        self.lengths, self.seed, self.shuffle = lengths, seed, shuffle
+        self.group_by_length, self.batch_size, self.epoch = group_by_length, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = list(range(len(self.lengths)))
+        if not self.shuffle:
+            return iter(order)
+        rng = random.Random(self.seed * 1000003 + self.epoch)
+        rng.shuffle(order)
+        if self.group_by_length:
+            # Mega-batches of 50 batches sorted by length inside (HF's LengthGroupedSampler idea), then
+            # batches shuffled so the longest ones are not all at the start.
+            mega = self.batch_size * 50
+            order = [
+                i
+                for k in range(0, len(order), mega)
+                for i in sorted(order[k : k + mega], key=lambda i: -self.lengths[i])
+            ]
+            batches = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+            rng.shuffle(batches)
+            order = [i for b in batches for i in b]
+        return iter(order)
+
+
+def pad_collate(features: list[dict], pad_id: int) -> dict:
+    """Right-pad; padding gets attention 0 and label -100 by position, so EOS (== pad id) keeps its label."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum()}
+
+
+def pack_collate(features: list[dict], pad_id: int, row_len: int) -> dict:
+    """Bin-pack the batch's examples into rows of ≤ row_len tokens (first-fit decreasing).
+
+    Position ids restart at 0 for each example and no attention_mask is passed: transformers 5.x then builds a
+    block-causal mask from the position ids, so examples in a row cannot attend to each other — PROVIDED the
+    forward runs with use_cache=False (GPT-2 otherwise creates a cache and silently skips that mask; see
+    STACK_NOTES). We write this rather than use DataCollatorWithFlattening because flattening a whole batch
+    into one row makes SDPA's masked attention cost grow with the square of the batch's total tokens.
+    """
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = len(features[i]["input_ids"])
+        for r, u in enumerate(used):
+            if u + n <= row_len:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    width = max(used)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            f = features[i]
+            n = len(f["input_ids"])
+            ids[r, at : at + n] = torch.tensor(f["input_ids"])
+            labels[r, at : at + n] = torch.tensor(f["labels"])
+            pos[r, at : at + n] = (
+                torch.tensor(f["position_ids"]) if f.get("position_ids") else torch.arange(n)
+            )
+            at += n
+        # Trailing padding forms its own segment starting at 0 (never merged with the last example).
+        pos[r, at:] = torch.arange(width - at)
+    num_tokens = torch.tensor(sum(len(f["input_ids"]) for f in features))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": num_tokens}
+
+
+def make_collate(pad_id: int, packing: bool, row_len: int):
+    if packing:
+        return lambda features: pack_collate(features, pad_id, row_len)
+    return lambda features: pad_collate(features, pad_id)
+
+
+def build_train_loader(dataset, batch_size: int, seed: int, packing: bool, pad_id: int, row_len: int):
+    from torch.utils.data import DataLoader
+
+    lengths = [len(x) for x in dataset["input_ids"]]
+    sampler = EpochSampler(lengths, seed, shuffle=True, group_by_length=not packing, batch_size=batch_size)
+    return DataLoader(
+        dataset.with_format(None),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=make_collate(pad_id, packing, row_len),
+        drop_last=False,
+    )
+
+
+def build_eval_loader(dataset, batch_size: int, pad_id: int):
+    """Eval loss batches: sorted by length (less padding), padded; order does not change the summed loss."""
+    from torch.utils.data import DataLoader
+
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    return DataLoader(dataset.select(order), batch_size=batch_size, collate_fn=make_collate(pad_id, False, 0))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, num_processes: int, accumulation: int) -> int:
+    batches_per_rank = math.ceil(num_examples / (batch_size * num_processes))
+    return max(1, math.ceil(batches_per_rank / accumulation))

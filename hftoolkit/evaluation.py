@@ -1,0 +1,205 @@
+"""Evaluation: eval loss / perplexity on target tokens, and generate-then-score with `evaluate` metrics.
+
+Sharding: the eval set is split across processes by accelerate's prepared DataLoader; results come back with
+`gather_for_metrics`, which drops the samples accelerate duplicated to even out the last batch. Generation
+prompts are sorted by length (longest first: an out-of-memory shows up in the first batch) so each batch pads
+little; predictions are put back in dataset order before scoring.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hftoolkit import metrics as metric_lib
+from hftoolkit.data import encode_prompts
+from hftoolkit.generation import Decoding, generate_batch, generation_context, needs_synced_gpus
+
+
+def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed cross-entropy over target tokens, and per-row target-token counts.
+
+    `use_cache=False` matters: with packed rows (position_ids, no attention_mask) it is what makes transformers
+    build the block-causal mask; GPT-2 would otherwise create a cache and let examples attend to each other.
+    """
+    labels = batch["labels"]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    return nll.sum(dim=1), (shift_labels != -100).sum(dim=1)
+
+
+@torch.no_grad()
+def evaluate_loss(accelerator, model, loader) -> dict:
+    """Token-weighted mean NLL over all target tokens of the eval set; perplexity = exp(eval_loss)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        loss_sum, n = token_losses(model, batch)
+        gathered = accelerator.gather_for_metrics(torch.stack([loss_sum.double(), n.double()], dim=1))
+        total += gathered[:, 0].sum().item()
+        count += gathered[:, 1].sum().item()
+    model.train()
+    eval_loss = total / max(count, 1)
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700.0))}
+
+
+@dataclass
+class GenerationSet:
+    """What generation-based evaluation needs, built once per run."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    references: list[list[str]]
+
+
+def default_max_new_tokens(tokenizer, references: list[list[str]]) -> int:
+    """Longest reference in tokens, +25% and a little slack for the stop string, capped at 256."""
+    longest = max(
+        (len(tokenizer(" " + r, add_special_tokens=False)["input_ids"]) for refs in references for r in refs),
+        default=16,
+    )
+    return min(256, int(longest * 1.25) + 4)
+
+
+def build_generation_set(task, tokenizer, rows: list[dict], data_cfg, prompt_budget: int) -> GenerationSet:
+    template = task.template(data_cfg)
+    prompts = encode_prompts(task, template, tokenizer, rows, data_cfg, prompt_budget)
+    references = [task.references(r, data_cfg) for r in rows]
+    texts = tokenizer.batch_decode(prompts)
+    return GenerationSet(prompts=prompts, prompt_texts=texts, references=references)
+
+
+def build_generation_loader(accelerator, gen_set: GenerationSet, batch_size: int, limit: int | None = None):
+    """A prepared loader over example indices, longest prompt first."""
+    from torch.utils.data import DataLoader
+
+    n = len(gen_set.prompts) if limit is None else min(limit, len(gen_set.prompts))
+    order = sorted(range(n), key=lambda i: -len(gen_set.prompts[i]))
+    loader = DataLoader(order, batch_size=batch_size, collate_fn=list, shuffle=False)
+    return accelerator.prepare_data_loader(loader, device_placement=False)
+
+
+@torch.no_grad()
+def generate_predictions(
+    accelerator, model, tokenizer, task, gen_set, loader, decoding: Decoding
+) -> list[dict]:
+    """[{index, prediction, completion, stopped}] in dataset order, identical on every process."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    results = []
+    synced = needs_synced_gpus(accelerator)
+    with generation_context(accelerator, model) as gen_model:
+        for indices in loader:
+            texts, stopped = generate_batch(
+                gen_model, tokenizer, [gen_set.prompts[i] for i in indices], decoding, synced
+            )
+            local = [
+                {
+                    "index": i,
+                    "completion": t,
+                    "prediction": task.postprocess(t, decoding.stop_strings),
+                    "stopped": s,
+                }
+                for i, t, s in zip(indices, texts, stopped, strict=True)
+            ]
+            results.extend(accelerator.gather_for_metrics(local, use_gather_object=True))
+    tokenizer.padding_side = "right"
+    model.train()
+    return sorted(results, key=lambda r: r["index"])
+
+
+def _squad_inputs(predictions, references):
+    preds = [{"id": str(i), "prediction_text": p} for i, p in enumerate(predictions)]
+    refs = [
+        {"id": str(i), "answers": {"text": r, "answer_start": [0] * len(r)}} for i, r in enumerate(references)
+    ]
+    return preds, refs
+
+
+def compute_scores(names, predictions: list[str], references: list[list[str]]) -> tuple[dict, dict]:
+    """Scores on a 0–100 scale (the `evaluate` modules keep their own scales) and each metric's configuration."""
+    scores, config = {}, {}
+    for name in names:
+        if name == "perplexity":
+            continue  # corpus perplexity comes from the eval loss; the module would reload the model
+        module = metric_lib.load(name)
+        if name == "rouge":
+            out = module.compute(predictions=predictions, references=references, use_stemmer=True)
+            scores.update({k: 100.0 * float(v) for k, v in out.items()})
+            config[name] = {"use_stemmer": True, "aggregator": "bootstrap mid f-measure"}
+        elif name in ("sacrebleu", "bleu_sacre"):
+            out = module.compute(predictions=predictions, references=_rectangular(references))
+            scores["bleu"] = float(out["score"])
+            config[name] = metric_lib.signature(name, nrefs=len(references[0]) if references else 1)
+        elif name == "chrf":
+            out = module.compute(predictions=predictions, references=_rectangular(references))
+            scores["chrf"] = float(out["score"])
+            config[name] = metric_lib.signature(name, nrefs=len(references[0]) if references else 1)
+        elif name in ("squad", "squad_v2"):
+            preds, refs = _squad_inputs(predictions, references)
+            if name == "squad_v2":
+                for p in preds:
+                    p["no_answer_probability"] = 0.0
+            out = module.compute(predictions=preds, references=refs)
+            scores["exact_match"] = float(out.get("exact_match", out.get("exact", 0.0)))
+            scores["f1"] = float(out["f1"])
+            config[name] = {
+                "normalization": "SQuAD v1.1 official (lowercase, strip punctuation/articles/whitespace)"
+            }
+        else:
+            out = module.compute(predictions=predictions, references=[r[0] for r in references])
+            scores.update(
+                {
+                    f"{name}_{k}" if k != name else k: float(v)
+                    for k, v in out.items()
+                    if isinstance(v, (int, float))
+                }
+            )
+            config[name] = {"module": name}
+    return scores, config
+
+
+def _rectangular(references: list[list[str]]) -> list[list[str]]:
+    """sacrebleu needs the same number of references per prediction: repeat the last one to pad (no effect on
+    BLEU/chrF, which take the best match per n-gram / the max)."""
+    width = max(len(r) for r in references)
+    return [r + [r[-1]] * (width - len(r)) for r in references]
+
+
+def per_example_scores(
+    headline: str, predictions: list[str], references: list[list[str]]
+) -> list[float | None]:
+    """A 0–100 score per example for predictions.jsonl (best/worst listings), using the headline metric."""
+    if headline.startswith("rouge"):
+        out = metric_lib.load("rouge").compute(
+            predictions=predictions, references=references, use_stemmer=True, use_aggregator=False
+        )
+        return [100.0 * float(v) for v in out[headline]]
+    if headline == "bleu":
+        import sacrebleu
+
+        return [
+            float(sacrebleu.sentence_chrf(p, r).score) for p, r in zip(predictions, references, strict=True)
+        ]
+    if headline in ("exact_match", "f1"):
+        module = metric_lib.load("squad")
+        scores = []
+        for p, r in zip(predictions, references, strict=True):
+            preds, refs = _squad_inputs([p], [r])
+            scores.append(float(module.compute(predictions=preds, references=refs)["f1"]))
+        return scores
+    return [None] * len(predictions)

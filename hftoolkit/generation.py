@@ -1,0 +1,102 @@
+"""Batched, left-padded, KV-cached generation with stop strings.
+
+Decoder-only models continue from the last position of each row, so batched prompts are padded on the LEFT;
+the attention mask hides the padding and `generate` derives position ids from it, so a prompt gives the same
+greedy output alone or in a padded batch (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Decoding:
+    """Decoding settings shared by evaluation, `hftoolkit generate` and the model card."""
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[list[int]], decoding: Decoding, synced_gpus: bool = False):
+    """Completions (decoded, special tokens dropped) for token-id prompts, plus whether each one stopped by
+    itself (EOS or a stop string) rather than running into max_new_tokens."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    kwargs = decoding.generate_kwargs()
+    if decoding.stop_strings:
+        kwargs.update(stop_strings=list(decoding.stop_strings), tokenizer=tokenizer)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        synced_gpus=synced_gpus,
+        **kwargs,
+    )
+    new = out[:, ids.shape[1] :]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    stopped = []
+    for row, text in zip(new.tolist(), texts, strict=True):
+        ended_by_eos = tokenizer.eos_token_id in row
+        ended_by_stop = any(s and s in text for s in decoding.stop_strings)
+        stopped.append(ended_by_eos or ended_by_stop or len(row) < decoding.max_new_tokens)
+    return texts, stopped
+
+
+@contextlib.contextmanager
+def generation_context(accelerator, model):
+    """Make a (possibly sharded) model usable by `generate` on every rank.
+
+    DDP / single device: nothing to do. FSDP(1): gather full parameters for the duration (GPT-2-class models
+    fit on one device). DeepSpeed ZeRO-3: parameters are gathered per layer on the fly, but every rank must run
+    the same number of forward passes, so generation runs with synced_gpus=True (see `needs_synced_gpus`).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2 is False:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+            yield accelerator.unwrap_model(model)
+        return
+    yield accelerator.unwrap_model(model)
+
+
+def needs_synced_gpus(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        return plugin is not None and plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP and accelerator.num_processes > 1
