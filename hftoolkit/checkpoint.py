@@ -7,6 +7,8 @@ ignored (and cleaned up next time), never a half-written checkpoint that `latest
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -33,14 +35,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a torn one."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
@@ -49,6 +51,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _umask() -> int:
@@ -81,6 +87,20 @@ def fingerprint(obj) -> str:
     """Stable short hash of a JSON-able object (config sections, data identity)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error(what: Path):
+    """A full disk while saving becomes one clear line; the caller's temp-dir + rename keeps older files intact."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(
+            f"no space left on the device while saving {what}; free some space (or lower train.save_total_limit) "
+            "and resume with train.resume_from_checkpoint=latest — earlier checkpoints are intact"
+        ) from None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -129,11 +149,17 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, state: dict, 
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     # Every rank writes its own RNG state (and shards, under FSDP/DeepSpeed): save_state is collective.
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with disk_full_is_user_error(final):
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / TRAINER_STATE, state)
-        fsync_tree(tmp)
+        with disk_full_is_user_error(final):
+            atomic_write_json(tmp / TRAINER_STATE, state)
+            fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

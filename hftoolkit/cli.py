@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-color", action="store_true", help="mark the loss-masked prompt with [[ ]] instead of colour"
     )
+    p.add_argument(
+        "--tokens-per-second",
+        type=float,
+        help="throughput for the time estimate (default: a previous run's in output_dir)",
+    )
 
     p = sub.add_parser("generate", help="apply a task's prompt template + decoding to inputs",
                        description="Run a trained model on inputs through its task's prompt template and decoding. "
@@ -141,7 +146,8 @@ def dispatch(args) -> int:
         else:
             from hftoolkit.plan import plan
 
-            plan(recipe, examples=args.examples, color=not args.no_color and sys.stdout.isatty())
+            color = not args.no_color and sys.stdout.isatty()
+            plan(recipe, examples=args.examples, color=color, tokens_per_second=args.tokens_per_second)
         return 0
     if args.command == "generate":
         from hftoolkit.predict import run_generate

@@ -129,8 +129,9 @@ def init_model_dir(
     return out
 
 
-def save_pretrained(model, tokenizer, out: Path) -> None:
-    """save_pretrained into a temp folder, then rename: a crash never leaves a half-written model/."""
+def save_pretrained(model, tokenizer, out: Path, state_dict=None, extra_json: dict | None = None) -> None:
+    """save_pretrained (safetensors) + tokenizer (+ extra JSON files) into a temp folder, fsync, then swap it in:
+    a crash never leaves a half-written model folder."""
     import shutil
 
     from hftoolkit.checkpoint import make_temp_dir
@@ -138,8 +139,13 @@ def save_pretrained(model, tokenizer, out: Path) -> None:
     out = Path(out)
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from hftoolkit.checkpoint import atomic_write_json, fsync_tree
+
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            atomic_write_json(tmp / name, obj)
+        fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

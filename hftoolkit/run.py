@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from hftoolkit.evaluation import (
     per_example_scores,
 )
 from hftoolkit.generation import Decoding
-from hftoolkit.modeling import context_length, load_model_and_tokenizer
+from hftoolkit.modeling import context_length, load_model_and_tokenizer, save_pretrained
 from hftoolkit.tasks import get_task
 
 logger = logging.getLogger("hftoolkit")
@@ -188,6 +188,7 @@ class Run:
             "best": progress.best,
             "data_fingerprint": self.data_fingerprint,
             "training_config": training_config(self.recipe),
+            "num_processes": self.accelerator.num_processes,
             "config": config,
         }
         path = ckpt.save_checkpoint(
@@ -208,38 +209,33 @@ class Run:
             acc.wait_for_everyone()
             return
         model = acc.unwrap_model(self.model)
-        final = self.out / "model"
-        tmp = ckpt.make_temp_dir(self.out, ".model.")
-        try:
-            if self.decoding is not None:
-                model.generation_config.max_new_tokens = self.decoding.max_new_tokens
-                model.generation_config.num_beams = self.decoding.num_beams
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.padding_side = "left"  # the saved tokenizer is used for generation
-            self.tokenizer.save_pretrained(tmp)
-            self.tokenizer.padding_side = "right"
-            template = self.task.template(self.recipe.data)
-            info = {
-                "task": self.task.name,
-                "prompt_template": template.template,
-                "target_prefix": template.target_prefix,
-                "source_field": template.source_field,
-                "stop_strings": list(self.decoding.stop_strings) if self.decoding else [],
-                "max_new_tokens": self.decoding.max_new_tokens if self.decoding else None,
-                "num_beams": self.decoding.num_beams if self.decoding else 1,
-                "max_seq_len": self.recipe.data.max_seq_len,
-                "data": {
-                    k: v for k, v in to_dict(self.recipe)["data"].items() if k.endswith(("_lang", "_column"))
-                },
-            }
-            ckpt.atomic_write_json(tmp / "hftoolkit.json", info)
-            ckpt.fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        if self.decoding is not None:
+            model.generation_config.max_new_tokens = self.decoding.max_new_tokens
+            model.generation_config.num_beams = self.decoding.num_beams
+        template = self.task.template(self.recipe.data)
+        info = {
+            "task": self.task.name,
+            "prompt_template": template.template,
+            "target_prefix": template.target_prefix,
+            "source_field": template.source_field,
+            "stop_strings": list(self.decoding.stop_strings) if self.decoding else [],
+            "max_new_tokens": self.decoding.max_new_tokens if self.decoding else None,
+            "num_beams": self.decoding.num_beams if self.decoding else 1,
+            "max_seq_len": self.recipe.data.max_seq_len,
+            "data": {
+                k: v for k, v in to_dict(self.recipe)["data"].items() if k.endswith(("_lang", "_column"))
+            },
+        }
+        self.tokenizer.padding_side = "left"  # the saved tokenizer is the one used for generation
+        with ckpt.disk_full_is_user_error(self.out / "model"):
+            save_pretrained(
+                model,
+                self.tokenizer,
+                self.out / "model",
+                state_dict=state_dict,
+                extra_json={"hftoolkit.json": info},
+            )
+        self.tokenizer.padding_side = "right"
         acc.wait_for_everyone()
 
     def write_reports(self) -> None:
@@ -289,7 +285,7 @@ def make_accelerator(recipe: Recipe):
         kwargs["mixed_precision"] = recipe.train.mixed_precision
     if recipe.report_to != "none":
         kwargs["log_with"] = recipe.report_to
-    return Accelerator(
+    acc = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         project_config=ProjectConfiguration(
             project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")
@@ -298,6 +294,27 @@ def make_accelerator(recipe: Recipe):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False, even_batches=True),
         **kwargs,
     )
+    # `accelerate launch --multi_gpu` on a machine without GPUs starts N processes that each train alone
+    # (and write the same output_dir) unless ACCELERATE_USE_CPU=1 is set: refuse instead.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > acc.num_processes:
+        raise UserError(
+            f"accelerate launch started {launched} processes but each one sees only itself (no GPU, and "
+            "ACCELERATE_USE_CPU is not set); on CPU use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ... "
+            "(see recipes/accelerate/cpu_2proc.yaml)"
+        )
+    return acc
+
+
+def skip_padding_check(model) -> None:
+    """Packed batches pass no attention_mask on purpose (position ids carry the example boundaries). transformers
+    then inspects input_ids for pad tokens on every forward — a device→host sync in the hot loop, and a warning
+    that is wrong here — so turn that check off on this model instance."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
 
 
 def prepare_run(recipe: Recipe, mode: str) -> Run:
@@ -326,6 +343,7 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
     set_seed(recipe.seed)
 
     task = get_task(recipe.task)
+    check_metrics(recipe.eval.metrics or list(task.metrics))
     data_cfg = recipe.data
     if task.name == "translation" and data_cfg.synthetic is not None:
         from hftoolkit.synthetic import SYNTHETIC_LANG
@@ -347,6 +365,7 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
             template.render(task.fields(r, data_cfg)) + " " + task.target(r, data_cfg) for r in rows
         ]
     model, tokenizer = load_model_and_tokenizer(recipe.model, train_texts, seed=recipe.seed)
+    skip_padding_check(model)
     ctx = context_length(model)
     if ctx is not None and data_cfg.max_seq_len > ctx:
         raise UserError(
@@ -389,6 +408,10 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         run.train_loader = build_train_loader(
             train_ds, batch, recipe.seed, data_cfg.packing, tokenizer.pad_token_id, data_cfg.max_seq_len
         )
+        # accelerate deals the loader's consecutive batches to ranks 0..N-1, so a global batch is N consecutive
+        # sampler chunks: group lengths by the global batch, so that N processes × B see per optimizer step the
+        # same examples as 1 process × N·B (with per-device groups, unpacked batches would differ).
+        run.train_loader.sampler.batch_size = batch * acc.num_processes
         run.batches_per_epoch = -(-len(train_ds) // (batch * acc.num_processes))
         run.steps_per_epoch = steps_per_epoch(
             len(train_ds), batch, acc.num_processes, recipe.train.gradient_accumulation_steps
@@ -418,6 +441,21 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
     return run
 
 
+def check_metrics(names: list[str]) -> None:
+    """Unknown metric names fail before any data or model is loaded."""
+    from hftoolkit import metrics
+
+    for name in names:
+        if name == "perplexity":
+            continue
+        try:
+            metrics.load(name)
+        except Exception as e:  # evaluate raises several types for a missing module
+            raise UserError(
+                f"eval.metrics: cannot load metric '{name}' ({str(e).splitlines()[0][:160]})"
+            ) from None
+
+
 def check_resume_compatible(run: Run, state: dict, path: Path) -> None:
     """Refuse to resume when the data or the training-relevant config changed, naming what changed."""
     old, new = state.get("training_config", {}), training_config(run.recipe)
@@ -435,4 +473,11 @@ def check_resume_compatible(run: Run, state: dict, path: Path) -> None:
         raise UserError(
             f"train.resume_from_checkpoint: the training data changed since {path} was saved "
             f"(fingerprint {state.get('data_fingerprint')} → {run.data_fingerprint}); resume with the same data or start a new output_dir"
+        )
+    # The data position (batches_in_epoch), the LR schedule's units, RNG files and sharded states are per process.
+    saved, now = state.get("num_processes", 1), run.accelerator.num_processes
+    if saved != now:
+        raise UserError(
+            f"train.resume_from_checkpoint: {path} was saved by {saved} process(es), this run has {now}; "
+            f"resume with accelerate launch --num_processes {saved}"
         )

@@ -112,11 +112,13 @@ def train(recipe: Recipe) -> dict:
     per_epoch = run.steps_per_epoch
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
     optimizer = build_optimizer(model, cfg, acc.device)
+    # The prepared scheduler steps num_processes times per optimizer step (accelerate counts schedules in
+    # single-process batches), so warmup and length are given in those units: same LR curve on 1 or N processes.
     scheduler = get_scheduler(
         cfg.lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps) * acc.num_processes,
+        num_training_steps=total_steps * acc.num_processes,
     )
     # prepare: wraps the model (DDP/FSDP/DeepSpeed), shards the loaders, and makes the optimizer/scheduler
     # step only on real optimizer steps (the scheduler is stepped once per optimizer step below).
@@ -145,11 +147,10 @@ def train(recipe: Recipe) -> dict:
     window_loss = torch.zeros((), device=acc.device)
     tokens_seen = torch.zeros(2, device=acc.device)  # (all tokens, target tokens) since the last log
     t_log, last_good, last_logged_step = time.perf_counter(), None, progress.step
-    bar = run.progress_bar(total_steps, progress.step)
 
     # ================================================================ the loop
     model.train()
-    with StopRequested() as stop:
+    with StopRequested() as stop, run.progress_bar(total_steps, progress.step) as bar:
         while progress.step < total_steps:
             train_loader.set_epoch(progress.epoch)  # deterministic shuffle per (seed, epoch)
             loader = train_loader
@@ -237,7 +238,6 @@ def train(recipe: Recipe) -> dict:
                 break
             progress.epoch += 1
             progress.batches_in_epoch = 0
-    bar.close()
     # ================================================================ end of the loop
 
     if cfg.save_steps:
