@@ -48,3 +48,22 @@ def test_recipes_ls_and_cp(cli, tmp_path):
     code, _, err = cli("recipes", "cp", "nope", tmp_path)
     assert code == 2 and "available:" in err
     assert recipes_root().is_dir()
+
+
+def test_quickstart_suite_matches_the_recipes():
+    """eval/quickstart.yaml names existing quickstart recipes and each task's headline metric, with a bar."""
+    from hftoolkit.quickstart import load_suite, passed
+    from hftoolkit.tasks import get_task
+
+    entries = load_suite()
+    assert {e["recipe"] for e in entries} == {
+        f"quickstart/{t}" for t in ("generation", "summarization", "translation", "qa")
+    }
+    for e in entries:
+        recipe = load_recipe(recipes_root() / f"{e['recipe']}.yaml")
+        assert e["metric"] == get_task(recipe.task).headline
+        assert ("min_gain" in e) == e["higher_is_better"]
+    qa = next(e for e in entries if e["recipe"] == "quickstart/qa")
+    assert passed(qa, 0.0, 31.0) and not passed(qa, 0.0, 29.0)
+    gen = next(e for e in entries if e["recipe"] == "quickstart/generation")
+    assert passed(gen, 600.0, 100.0) and not passed(gen, 600.0, 200.0)
