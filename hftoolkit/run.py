@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from hftoolkit import checkpoint as ckpt
 from hftoolkit.config import Recipe, save_recipe, to_dict
 from hftoolkit.data import (
@@ -366,12 +368,23 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         ]
     model, tokenizer = load_model_and_tokenizer(recipe.model, train_texts, seed=recipe.seed)
     skip_padding_check(model)
+    if acc.device.type == "cuda":
+        import torch
+
+        # TF32 matmuls on Ampere+ (fp32 weights, 10-bit mantissa products): ~free speed for fp32 parts.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     ctx = context_length(model)
     if ctx is not None and data_cfg.max_seq_len > ctx:
         raise UserError(
             f"data.max_seq_len: {data_cfg.max_seq_len} exceeds the model's context of {ctx} tokens; set data.max_seq_len≤{ctx}"
         )
 
+    if recipe.model.torch_compile:
+        import torch
+
+        # dynamic=True: packed and padded batches change shape from step to step.
+        model = torch.compile(model, dynamic=True)
     run = Run(
         recipe=recipe, accelerator=acc, task=task, model=model, tokenizer=tokenizer, resume_from=resume_from
     )
@@ -412,6 +425,9 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         # sampler chunks: group lengths by the global batch, so that N processes × B see per optimizer step the
         # same examples as 1 process × N·B (with per-device groups, unpacked batches would differ).
         run.train_loader.sampler.batch_size = batch * acc.num_processes
+        # Each new iterator of a DataLoader draws a seed from the global torch RNG unless it has its own generator;
+        # a resumed run creates one at the checkpoint (the straight run did not), so dropout masks would shift.
+        run.train_loader.generator = torch.Generator()
         run.batches_per_epoch = -(-len(train_ds) // (batch * acc.num_processes))
         run.steps_per_epoch = steps_per_epoch(
             len(train_ds), batch, acc.num_processes, recipe.train.gradient_accumulation_steps

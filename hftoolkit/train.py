@@ -53,6 +53,15 @@ class StopRequested:
     def _handle(self, signum, frame):
         self.flag = True
 
+    def requested(self, acc, step: int, every: int) -> bool:
+        """Whether to stop now. With several processes the ranks must agree (a signal may reach only some), which
+        costs an all-reduce and a host sync, so they compare flags every `every` steps rather than every step."""
+        if acc.num_processes == 1:
+            return self.flag
+        if step % every:
+            return False
+        return acc.reduce(torch.tensor(float(self.flag), device=acc.device), "sum").item() > 0
+
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -209,7 +218,11 @@ def train(recipe: Recipe) -> dict:
                     if acc.is_main_process:
                         append_jsonl(metrics_path, record)
                     acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=progress.step)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{seen[0] / elapsed:,.0f}")
+                    bar.set_postfix(
+                        loss=f"{loss_value:.4f}",
+                        tok_s=f"{seen[0] / elapsed:,.0f}",
+                        **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}),
+                    )
                     window_loss.zero_()
                     last_logged_step = progress.step
                     tokens_seen.zero_()
@@ -219,11 +232,7 @@ def train(recipe: Recipe) -> dict:
                     scores = run.evaluate(step=progress.step, final=False, subset=True)
                     run.track_best(progress, scores)
                     t_log = time.perf_counter()
-                stop_now = (
-                    acc.reduce(torch.tensor(float(stop.flag), device=acc.device), "sum").item() > 0
-                    if acc.num_processes > 1
-                    else stop.flag
-                )
+                stop_now = stop.requested(acc, progress.step, every=cfg.logging_steps)
                 if (cfg.save_steps and progress.step % cfg.save_steps == 0) or stop_now:
                     last_good = run.save_checkpoint(progress, to_dict(recipe))
                     t_log = time.perf_counter()
@@ -240,7 +249,7 @@ def train(recipe: Recipe) -> dict:
             progress.batches_in_epoch = 0
     # ================================================================ end of the loop
 
-    if cfg.save_steps:
+    if cfg.save_steps and progress.step % cfg.save_steps:  # a final checkpoint, unless that step just saved one
         run.save_checkpoint(progress, to_dict(recipe))
     results["final"] = run.evaluate(step=progress.step, final=True, subset=False)
     run.save_model()
