@@ -87,7 +87,7 @@ class DataConfig:
     dataset_config_name: str | None = None
     """Hub dataset configuration (e.g. wikitext-2-raw-v1, ro-en)."""
     train_file: str | None = None
-    """Local training file: txt | json | jsonl | csv | parquet."""
+    """Local training file: txt (one example per paragraph) | json | jsonl | csv | parquet."""
     validation_file: str | None = None
     """Local validation file (same formats)."""
     synthetic: SyntheticConfig | None = None

@@ -80,7 +80,10 @@ def _load_files(data_cfg):
         raise UserError(f"data.train_file/validation_file: mixed formats {sorted(builders)}; use one format")
     builder = builders.pop()
     try:
-        return load_dataset(builder, data_files=files)
+        # A .txt file is read one paragraph (blank-line separated) per example: a line is too short a document
+        # once position ids restart and attention is blocked at every document boundary.
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        return load_dataset(builder, data_files=files, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
         raise UserError(f"data: cannot read {', '.join(files.values())} as {builder} ({_short(e)})") from None
 

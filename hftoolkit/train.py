@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hftoolkit import checkpoint as ckpt
-from hftoolkit.config import Recipe, save_recipe, to_dict
+from hftoolkit.config import Recipe, to_dict
 from hftoolkit.errors import UserError
 from hftoolkit.evaluation import token_losses
 from hftoolkit.flops import device_peak_flops, flops_per_token
@@ -51,6 +51,8 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
+        if self.flag:  # a second Ctrl-C / SIGTERM: stop at once, without the checkpoint
+            raise KeyboardInterrupt
         self.flag = True
 
     def requested(self, acc, step: int, every: int) -> bool:
@@ -239,7 +241,7 @@ def train(recipe: Recipe) -> dict:
                 if stop_now:
                     acc.print(
                         f"stopped by signal at step {progress.step}; checkpoint saved to {last_good}. Resume with: "
-                        f"hftoolkit train RECIPE.yaml output_dir={out} train.resume_from_checkpoint=latest"
+                        f"hftoolkit train {out / 'config.yaml'} train.resume_from_checkpoint=latest"
                     )
                     acc.end_training()
                     raise SystemExit(143)
@@ -255,7 +257,6 @@ def train(recipe: Recipe) -> dict:
     run.save_model()
     results = run.write_results(results)
     if acc.is_main_process:
-        save_recipe(recipe, out / "config.yaml")
         run.write_reports()
         if recipe.hub.push:
             from hftoolkit.hub import push_run
