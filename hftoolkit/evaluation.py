@@ -131,25 +131,24 @@ def _squad_inputs(predictions, references):
 
 
 def compute_scores(names, predictions: list[str], references: list[list[str]]) -> tuple[dict, dict]:
-    """Scores on a 0–100 scale (the `evaluate` modules keep their own scales) and each metric's configuration."""
+    """Scores on a 0–100 scale (the `evaluate` modules keep their own scales) and each metric's configuration
+    (metrics.describe: e.g. sacreBLEU's signature) for results.json."""
     scores, config = {}, {}
     for name in names:
         if name == "perplexity":
             continue  # corpus perplexity comes from the eval loss; the module would reload the model
         module = metric_lib.load(name)
         if name == "rouge":
-            out = module.compute(predictions=predictions, references=references, use_stemmer=True)
+            kwargs = {"use_stemmer": True}
+            out = module.compute(predictions=predictions, references=references, **kwargs)
             scores.update({k: 100.0 * float(v) for k, v in out.items()})
-            config[name] = {"use_stemmer": True, "aggregator": "bootstrap mid f-measure"}
-        elif name in ("sacrebleu", "bleu_sacre"):
-            out = module.compute(predictions=predictions, references=_rectangular(references))
-            scores["bleu"] = float(out["score"])
-            config[name] = metric_lib.signature(name, nrefs=len(references[0]) if references else 1)
-        elif name == "chrf":
-            out = module.compute(predictions=predictions, references=_rectangular(references))
-            scores["chrf"] = float(out["score"])
-            config[name] = metric_lib.signature(name, nrefs=len(references[0]) if references else 1)
+        elif name in ("sacrebleu", "chrf"):
+            # Several references per example may differ in number: the bundled modules pad them for sacreBLEU.
+            kwargs = {"references": references}
+            out = module.compute(predictions=predictions, references=references)
+            scores["bleu" if name == "sacrebleu" else "chrf"] = float(out["score"])
         elif name in ("squad", "squad_v2"):
+            kwargs = {}
             preds, refs = _squad_inputs(predictions, references)
             if name == "squad_v2":
                 for p in preds:
@@ -157,27 +156,18 @@ def compute_scores(names, predictions: list[str], references: list[list[str]]) -
             out = module.compute(predictions=preds, references=refs)
             scores["exact_match"] = float(out.get("exact_match", out.get("exact", 0.0)))
             scores["f1"] = float(out["f1"])
-            config[name] = {
-                "normalization": "SQuAD v1.1 official (lowercase, strip punctuation/articles/whitespace)"
-            }
         else:
+            kwargs = {}
             out = module.compute(predictions=predictions, references=[r[0] for r in references])
             scores.update(
                 {
-                    f"{name}_{k}" if k != name else k: float(v)
+                    k if k == name else f"{name}_{k}": float(v)
                     for k, v in out.items()
                     if isinstance(v, (int, float))
                 }
             )
-            config[name] = {"module": name}
+        config[name] = metric_lib.describe(module, **kwargs)
     return scores, config
-
-
-def _rectangular(references: list[list[str]]) -> list[list[str]]:
-    """sacrebleu needs the same number of references per prediction: repeat the last one to pad (no effect on
-    BLEU/chrF, which take the best match per n-gram / the max)."""
-    width = max(len(r) for r in references)
-    return [r + [r[-1]] * (width - len(r)) for r in references]
 
 
 def per_example_scores(
