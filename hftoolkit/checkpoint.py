@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from hftoolkit.errors import UserError
@@ -155,6 +156,10 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, state: dict, 
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if os.environ.get("HFTOOLKIT_TEST_SAVE_DELAY"):
+        # Test hook (tests/test_resume.py): hold the temp folder half-written for N seconds, so a test can
+        # kill -9 or SIGTERM the run in the middle of a save deterministically.
+        time.sleep(float(os.environ["HFTOOLKIT_TEST_SAVE_DELAY"]))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with disk_full_is_user_error(final):

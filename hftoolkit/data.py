@@ -419,17 +419,27 @@ def make_collate(pad_id: int, packing: bool, row_len: int):
     return lambda features: pad_collate(features, pad_id)
 
 
-def build_train_loader(dataset, batch_size: int, seed: int, packing: bool, pad_id: int, row_len: int):
+def build_train_loader(
+    dataset, batch_size: int, seed: int, packing: bool, pad_id: int, row_len: int, num_processes: int = 1
+):
     from torch.utils.data import DataLoader
 
     lengths = [len(x) for x in dataset["input_ids"]]
-    sampler = EpochSampler(lengths, seed, shuffle=True, group_by_length=not packing, batch_size=batch_size)
+    # accelerate deals the loader's consecutive batches to ranks 0..N-1, so one global batch is N consecutive
+    # sampler chunks: group lengths by the global batch, so that N processes × B see per optimizer step the same
+    # examples as 1 process × N·B (with per-device groups, unpacked batches would differ).
+    sampler = EpochSampler(
+        lengths, seed, shuffle=True, group_by_length=not packing, batch_size=batch_size * num_processes
+    )
     return DataLoader(
         dataset.with_format(None),
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=make_collate(pad_id, packing, row_len),
         drop_last=False,
+        # Without its own generator, every new iterator draws a seed from the global torch RNG; a resumed run
+        # creates one where the straight run did not, and its dropout masks would drift.
+        generator=torch.Generator(),
     )
 
 

@@ -208,6 +208,11 @@ def _check_local(name_or_path: str) -> None:
         raise UserError(
             f"model.name_or_path: '{name_or_path}' does not exist (give a checkpoint folder or a Hub id)"
         )
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+        raise UserError(
+            f"model.name_or_path: '{name_or_path}' is a LoRA adapter, not a full model; run "
+            f"`hftoolkit merge {p.parent}` and use {p.parent / 'merged'}"
+        )
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(
             f"model.name_or_path: '{name_or_path}' has no config.json (not a save_pretrained folder)"

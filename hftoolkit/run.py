@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from hftoolkit import checkpoint as ckpt
 from hftoolkit.config import Recipe, save_recipe, to_dict
 from hftoolkit.data import (
@@ -229,6 +227,10 @@ class Run:
             },
         }
         self.tokenizer.padding_side = "left"  # the saved tokenizer is the one used for generation
+        if self.recipe.model.lora is not None:  # model/ gets the adapter only: keep its base model findable
+            from hftoolkit.lora import save_base_model
+
+            save_base_model(model, state_dict, self.tokenizer, self.recipe.model, self.out)
         with ckpt.disk_full_is_user_error(self.out / "model"):
             save_pretrained(
                 model,
@@ -419,15 +421,14 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         run.data_fingerprint = content_hash(train_ds)
         batch = recipe.train.per_device_train_batch_size
         run.train_loader = build_train_loader(
-            train_ds, batch, recipe.seed, data_cfg.packing, tokenizer.pad_token_id, data_cfg.max_seq_len
+            train_ds,
+            batch,
+            recipe.seed,
+            data_cfg.packing,
+            tokenizer.pad_token_id,
+            data_cfg.max_seq_len,
+            acc.num_processes,
         )
-        # accelerate deals the loader's consecutive batches to ranks 0..N-1, so a global batch is N consecutive
-        # sampler chunks: group lengths by the global batch, so that N processes × B see per optimizer step the
-        # same examples as 1 process × N·B (with per-device groups, unpacked batches would differ).
-        run.train_loader.sampler.batch_size = batch * acc.num_processes
-        # Each new iterator of a DataLoader draws a seed from the global torch RNG unless it has its own generator;
-        # a resumed run creates one at the checkpoint (the straight run did not), so dropout masks would shift.
-        run.train_loader.generator = torch.Generator()
         run.batches_per_epoch = -(-len(train_ds) // (batch * acc.num_processes))
         run.steps_per_epoch = steps_per_epoch(
             len(train_ds), batch, acc.num_processes, recipe.train.gradient_accumulation_steps

@@ -251,7 +251,9 @@ def train(recipe: Recipe) -> dict:
             progress.batches_in_epoch = 0
     # ================================================================ end of the loop
 
-    if cfg.save_steps and progress.step % cfg.save_steps:  # a final checkpoint, unless that step just saved one
+    if (
+        cfg.save_steps and progress.step % cfg.save_steps
+    ):  # a final checkpoint, unless that step just saved one
         run.save_checkpoint(progress, to_dict(recipe))
     results["final"] = run.evaluate(step=progress.step, final=True, subset=False)
     run.save_model()

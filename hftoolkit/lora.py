@@ -1,0 +1,112 @@
+"""LoRA runs: where an adapter's base model lives, and `hftoolkit merge`.
+
+Usage: hftoolkit merge RUN_DIR [--out DIR]      (writes RUN_DIR/merged by default)
+
+A LoRA run's model/ holds only the adapter (peft's adapter_model.safetensors + adapter_config.json), the tokenizer
+and hftoolkit.json: megabytes instead of the whole model. An adapter is useless without the exact weights it was
+trained against, so a run keeps its base model findable:
+- base from the Hub or a local folder (model.name_or_path): adapter_config.json names it and its revision;
+- base built by `model.init` (fresh weights, no name anywhere): RUN_DIR/base_model/ holds it (save_pretrained +
+  tokenizer), and adapter_config.json points at that folder's absolute path, so peft's
+  AutoPeftModelForCausalLM.from_pretrained(RUN_DIR/model) loads as long as the run directory stays where it
+  was; `merge` looks for RUN_DIR/base_model first, so it works after a move too.
+We save the base rather than always writing a merged copy: the base is the one thing that cannot be rebuilt, it is
+written once, and `merge` turns base + adapter into a plain checkpoint on demand.
+
+The base weights are frozen during LoRA training, so they are taken from the final state dict (gathered on the
+main process under FSDP/ZeRO-3), with peft's wrapping undone: adapter tensors dropped, `.base_layer.` removed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hftoolkit.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_DIR = "base_model"
+PEFT_PREFIX = "base_model.model."
+
+
+def is_lora(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def base_state_dict(peft_state_dict: dict) -> dict:
+    """The base model's weights inside a LoRA PeftModel's state dict, under the base model's own key names."""
+    return {
+        key.removeprefix(PEFT_PREFIX).replace(".base_layer.", "."): tensor
+        for key, tensor in peft_state_dict.items()
+        if ".lora_" not in key  # lora_A / lora_B (and lora_embedding_*, lora_magnitude_vector)
+    }
+
+
+def save_base_model(peft_model, state_dict: dict, tokenizer, model_cfg, run_dir: Path) -> None:
+    """Call before saving the adapter: record (Hub/local base) or save (init-built base) the adapter's base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hftoolkit.modeling import save_pretrained
+
+    adapter = peft_model.peft_config[peft_model.active_adapter]
+    if model_cfg.init is None:
+        adapter.base_model_name_or_path = model_cfg.name_or_path
+        adapter.revision = model_cfg.revision
+        return
+    base = peft_model.get_base_model()
+    with torch.device("meta"):  # the architecture only; the weights come from the state dict
+        plain = AutoModelForCausalLM.from_config(base.config)
+    plain.load_state_dict(base_state_dict(state_dict), strict=True, assign=True)
+    plain.tie_weights()
+    plain.generation_config = base.generation_config
+    save_pretrained(plain, tokenizer, run_dir / BASE_DIR)
+    adapter.base_model_name_or_path = str((run_dir / BASE_DIR).resolve())
+    adapter.revision = None
+
+
+def merge_run(run_dir, out=None) -> Path:
+    """`hftoolkit merge`: base + adapter → one plain checkpoint (loads with AutoModelForCausalLM, no peft)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hftoolkit.modeling import save_pretrained, set_generation_defaults
+
+    run_dir = Path(run_dir)
+    adapter_dir = run_dir / "model"
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UserError(
+            f"merge: {adapter_dir} holds no LoRA adapter ({ADAPTER_CONFIG}); only runs trained with model.lora "
+            "can be merged (their model/ is already a full checkpoint otherwise)"
+        )
+    out = Path(out) if out else run_dir / "merged"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "hftoolkit.json").is_file())):
+        raise UserError(f"merge: --out {out} exists and is not an earlier merge; choose a new folder")
+    if (run_dir / BASE_DIR / "config.json").is_file():
+        base_ref, revision = str(run_dir / BASE_DIR), None
+    else:
+        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base_ref, revision = adapter_config.get("base_model_name_or_path"), adapter_config.get("revision")
+    if not base_ref:
+        raise UserError(
+            f"merge: {run_dir} has no {BASE_DIR}/ and {adapter_dir / ADAPTER_CONFIG} names no base model; "
+            "set base_model_name_or_path in it to the checkpoint the adapter was trained on"
+        )
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_ref, revision=revision, dtype="float32")
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"merge: cannot load the base model '{base_ref}' ({first})") from None
+    # W ← W + (alpha / r)·B·A in every adapted layer, then the LoRA wrappers are removed.
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    set_generation_defaults(merged, tokenizer)
+    info_path = adapter_dir / "hftoolkit.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
+    if info:  # the run's decoding, as a non-LoRA run's model/ carries it
+        merged.generation_config.max_new_tokens = info.get("max_new_tokens")
+        merged.generation_config.num_beams = info.get("num_beams", 1)
+    save_pretrained(merged, tokenizer, out, extra_json={"hftoolkit.json": info} if info else None)
+    return out
