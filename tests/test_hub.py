@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hub_server import StandInHub
 from huggingface_hub import ModelCard, constants, metadata_load
 
 from hftoolkit import hub
 from hftoolkit.errors import UserError
+from tests.hub_server import StandInHub
 
 TOKEN = "hf_standin_secret_token_0123456789"
 REPO = "alice/tiny-summarizer"
@@ -110,7 +110,7 @@ def test_checkpoints_are_never_uploaded(fake_run_dir, stand_in):
 def test_readme_metadata_parses_and_model_index_has_final_scores(fake_run_dir, stand_in, tmp_path):
     """If this fails, the Hub would reject or misread the card: model-index must carry the fine-tuned scores,
     and the body must show baseline vs fine-tuned."""
-    from conftest import FAKE_RUN_BASELINE, FAKE_RUN_FINAL
+    from tests.conftest import FAKE_RUN_BASELINE, FAKE_RUN_FINAL
 
     push(fake_run_dir)
     readme = tmp_path / "README.md"

@@ -10,10 +10,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_RUN_BASELINE, FAKE_RUN_FINAL
 
 from hftoolkit.errors import UserError
 from hftoolkit.report import compare_runs, write_plots, write_report
+from tests.conftest import FAKE_RUN_BASELINE, FAKE_RUN_FINAL
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
