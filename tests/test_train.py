@@ -183,3 +183,16 @@ def test_accumulation_equals_one_big_batch(tmp_path, cli):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=5e-4, rtol=1e-3)
+
+
+def test_periodic_eval_on_a_budgeted_subset(tmp_path, cli):
+    """eval_steps evaluates during training on max_eval_samples_during_training prompts; baseline and final use
+    the whole eval set (a run could otherwise report a subset score as its final result)."""
+    out = tmp_path / "run"
+    extra = {"train.eval_steps": 2, "eval.max_eval_samples_during_training": 3}
+    code, _, err = cli("train", f"{QS}/translation.yaml", *tiny_overrides(out, **extra))
+    assert code == 0, err
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all({"bleu", "chrf", "eval_loss"} <= set(e) for e in evals)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
