@@ -31,10 +31,11 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         position_ids=batch.get("position_ids"),
         use_cache=False,
     ).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the (batch × length × vocab) tensor,
+    # the largest one in a GPT-2 step. Position t predicts label t+1; the last position predicts nothing.
+    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     nll = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
+        logits.view(-1, logits.size(-1)).float(),
         shift_labels.reshape(-1),
         ignore_index=-100,
         reduction="none",
