@@ -71,4 +71,6 @@ def test_launch_config_opens_with_its_command(name):
         assert argv[argv.index("-m") + 1 : argv.index("-m") + 3] == ["hftoolkit", "train"]
         assert (REPO_ROOT / argv[argv.index("-m") + 3]).is_file(), line
     if name == "cpu_2proc.yaml":
-        assert re.search(r"ACCELERATE_USE_CPU=1 (OMP_NUM_THREADS=1 )?accelerate launch --config_file", commands[0])
+        assert re.search(
+            r"ACCELERATE_USE_CPU=1 (OMP_NUM_THREADS=1 )?accelerate launch --config_file", commands[0]
+        )
