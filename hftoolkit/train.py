@@ -231,14 +231,14 @@ def train(recipe: Recipe) -> dict:
                     tokens_seen.zero_()
                     t_log = time.perf_counter()
 
+                paused = time.perf_counter()  # evaluation and saving do not count in tokens/s
                 if cfg.eval_steps and progress.step % cfg.eval_steps == 0 and progress.step < total_steps:
                     scores = run.evaluate(step=progress.step, final=False, subset=True)
                     run.track_best(progress, scores)
-                    t_log = time.perf_counter()
                 stop_now = stop.requested(acc, progress.step, every=cfg.logging_steps)
                 if (cfg.save_steps and progress.step % cfg.save_steps == 0) or stop_now:
                     last_good = run.save_checkpoint(progress, to_dict(recipe))
-                    t_log = time.perf_counter()
+                t_log += time.perf_counter() - paused
                 if stop_now:
                     acc.print(
                         f"stopped by signal at step {progress.step}; checkpoint saved to {last_good}. Resume with: "
