@@ -454,18 +454,17 @@ def bench_training(
 # --------------------------------------------------------------------------------------------- what-if
 
 SUGGESTED_FIXES = [
-    "token_losses: shift the labels (pad with -100) instead of slicing the logits, so the logits are not copied",
     "token_losses: run the LM head only on positions with a target (prompt and padding positions have none)",
-    "build_optimizer: fused AdamW on CPU too (torch >= 2.4), as Trainer's default adamw_torch_fused",
     "pack_collate: balance rows (fill ceil(total/max_seq_len) rows evenly) instead of first-fit to max_seq_len",
 ]
 
 
 def token_losses_targets_only(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """hftoolkit.evaluation.token_losses, same values, two changes: the labels are shifted instead of the logits
-    (no copy of the logits), and the LM head runs only on the positions that have a target. With the prompt masked
-    (-100) most positions have none, and with GPT-2's 50k vocabulary the LM head and its softmax are most of a
-    small model's step; masked positions contribute nothing to the loss or the gradient either way."""
+    """hftoolkit.evaluation.token_losses, same values, with the LM head run only on the positions that have a
+    target. With the prompt masked (-100) most positions have none, and with GPT-2's 50k vocabulary the LM head and
+    its softmax are most of a small model's step; masked positions add nothing to the loss or the gradient.
+    (A what-if only: calling the body and the head separately bypasses a DDP/FSDP wrapper's forward; in the library
+    the selection belongs inside the module that accelerate wraps.)"""
     labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
     hidden = model.base_model(
         input_ids=batch["input_ids"],
@@ -501,15 +500,13 @@ def suggested_fixes():
     """Run hftoolkit's loop with SUGGESTED_FIXES patched in (the files under hftoolkit/ are not touched)."""
     from hftoolkit import data, train
 
-    saved = (train.token_losses, train.build_optimizer, data.pack_collate)
-    original_build = train.build_optimizer
+    saved = (train.token_losses, data.pack_collate)
     train.token_losses = token_losses_targets_only
-    train.build_optimizer = lambda model, cfg, device: fused_copy(original_build(model, cfg, device))
-    data.pack_collate = balanced_pack_collate(saved[2])
+    data.pack_collate = balanced_pack_collate(saved[1])
     try:
         yield
     finally:
-        train.token_losses, train.build_optimizer, data.pack_collate = saved
+        train.token_losses, data.pack_collate = saved
 
 
 def alternate_best(fns: dict, reps: int = 5) -> dict:
@@ -524,17 +521,15 @@ def alternate_best(fns: dict, reps: int = 5) -> dict:
 
 
 def diagnose_training(recipe, tokenizer, train_ds) -> dict:
-    """Where a step's time goes, each piece timed alone on one real packed batch, variants in alternation:
-    the LM head + loss (hftoolkit slices the logits, which copies them; HF's ForCausalLMLoss shifts the labels;
-    the what-if runs the LM head on target positions only), the block-causal mask that packing needs, and AdamW
-    (hftoolkit asks for the fused kernel only on CUDA; Trainer's default is fused)."""
+    """Where a step's time goes, each piece timed alone on one real packed batch, variants in alternation: the LM
+    head + loss (hftoolkit's token_losses, HF's ForCausalLMLoss, and the what-if that runs the head on target
+    positions only) and the transformer body with the block-causal mask that packing needs vs a plain causal one."""
     from types import SimpleNamespace
 
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     from hftoolkit.data import pack_collate
     from hftoolkit.evaluation import token_losses
-    from hftoolkit.train import build_optimizer
 
     model = new_model(recipe, tokenizer)
     model.train()
@@ -592,13 +587,6 @@ def diagnose_training(recipe, tokenizer, train_ds) -> dict:
             "plain_causal": lambda: body(None),
         }
     )
-
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    ours = build_optimizer(model, recipe.train, torch.device("cpu"))
-    fused = fused_copy(build_optimizer(model, recipe.train, torch.device("cpu")))
-    ours.step(), fused.step()  # optimizer state allocated before timing
-    out["adamw_step_s"] = alternate_best({"hftoolkit_build_optimizer_cpu": ours.step, "fused": fused.step})
     print(f"[train diagnostics] {json.dumps(out)}", flush=True)
     return out
 
@@ -678,23 +666,6 @@ def count_forwards(model):
         handle.remove()
 
 
-def stop_criteria_seconds(tokenizer, stop_strings, batch_size: int) -> tuple[float, float]:
-    """What transformers' StopStringCriteria costs: building one (`generate(stop_strings=...)` builds one per call,
-    i.e. per batch) and checking a batch once (done after every decode step)."""
-    from transformers.generation.stopping_criteria import StopStringCriteria
-
-    setup, check = [], []
-    ids = torch.randint(0, len(tokenizer), (batch_size, 300))
-    for _ in range(3):
-        start = time.perf_counter()
-        criteria = StopStringCriteria(tokenizer, list(stop_strings))
-        setup.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        criteria(ids, None)
-        check.append(time.perf_counter() - start)
-    return statistics.median(setup), statistics.median(check)
-
-
 def bench_eval(
     bench: Bench, recipe, model, tokenizer, batch_size: int, repeats: int, ours_first: bool
 ) -> dict:
@@ -730,12 +701,6 @@ def bench_eval(
         i for i, (a, b) in enumerate(zip(ours["predictions"], loop["predictions"], strict=True)) if a != b
     ]
     n = len(gen_set.prompts)
-    batches = -(-n // batch_size)
-    stop_setup, stop_check = (
-        stop_criteria_seconds(tokenizer, decoding.stop_strings, batch_size)
-        if decoding.stop_strings
-        else (0.0, 0.0)
-    )
     out = {
         "prompts": n,
         "batch_size": batch_size,
@@ -752,10 +717,6 @@ def bench_eval(
             "prompt_padding_fraction": ours["prompt_padding_fraction"],
             "stopped_fraction": ours["stopped_fraction"],
             "forward_calls": ours["forward_calls"],
-            # generate(stop_strings=...) rebuilds transformers' StopStringCriteria on every call (one per batch).
-            "stop_string_setup_seconds": stop_setup * batches,
-            # ... and checks the stop strings after every decode step (forward calls less one prefill per batch).
-            "stop_string_check_seconds": stop_check * (ours["forward_calls"] - batches),
         },
         "examples_loop": {
             "prompts_per_s": n / loop["seconds"],
@@ -781,8 +742,7 @@ def bench_eval(
         f"[eval {bench.name}] hftoolkit {ours['seconds']:.1f}s ({ours['forward_calls']} forwards) | examples loop "
         f"{loop['seconds']:.1f}s ({loop['forward_calls']} forwards) | speedup {out['speedup']:.2f}x | identical "
         f"{out['predictions_identical']} ({len(differing)} differ) | stopped {ours['stopped_fraction']:.0%} | "
-        f"max_new_tokens {max_new} | stop strings: setup {stop_setup * batches:.1f}s, checks "
-        f"{stop_check * (ours['forward_calls'] - batches):.1f}s",
+        f"max_new_tokens {max_new}",
         flush=True,
     )
     return out
@@ -826,11 +786,11 @@ OP_GROUPS = {
 }
 
 
-def fused_copy(optimizer):
-    """The same AdamW parameter groups and hyper-parameters, with torch's fused kernel (CPU-capable since 2.4)."""
+def adamw_copy(optimizer, fused: bool | None):
+    """The same AdamW parameter groups and hyper-parameters; fused=None is torch's default implementation."""
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     d = optimizer.defaults
-    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=True)
+    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=fused)
 
 
 def step_throughput(
@@ -841,7 +801,7 @@ def step_throughput(
     steps: int,
     bf16: bool = False,
     profile: bool = False,
-    compare_fused_adam: bool = False,
+    compare_adamw: bool = False,
 ) -> dict:
     """tokens/s of hftoolkit's training step (backward_window + clip + AdamW from build_optimizer) on random GPT-2
     token ids; with `profile`, one more untimed forward+backward under torch.profiler says where the time goes."""
@@ -875,18 +835,18 @@ def step_throughput(
 
     step()  # warm-up: allocator growth, optimizer state
     times = [step() for _ in range(steps)]
-    fused_times = {}
-    if compare_fused_adam:
-        # Same gradients, the two AdamW implementations stepped in alternation (their order of time is what counts).
-        fused = fused_copy(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+    adamw_times: dict[str, list[float]] = {}
+    if compare_adamw:
+        # hftoolkit's AdamW (fused on CPU) against torch's default implementation, same gradients, in alternation.
+        other = adamw_copy(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, fused=None)
         forward_backward()
-        fused.step()  # allocate its state
-        for name, opt in (("hftoolkit", optimizer), ("fused", fused)) * 3:
+        other.step()  # allocate its state
+        for name, opt in (("hftoolkit", optimizer), ("torch_default", other)) * 3:
             start = time.perf_counter()
             opt.step()
-            fused_times.setdefault(name, []).append(time.perf_counter() - start)
+            adamw_times.setdefault(name, []).append(time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
-        del fused
+        del other
     best = min(times, key=lambda t: t["step_s"])  # the step least disturbed by other load on a shared machine
     out = {
         "batch": batch,
@@ -895,8 +855,8 @@ def step_throughput(
         "step_s_all": [t["step_s"] for t in times],
         "tokens_per_s": batch * seq_len / best["step_s"],
     }
-    if fused_times:
-        out["adamw_step_s"] = {name: min(t) for name, t in fused_times.items()}
+    if adamw_times:
+        out["adamw_step_s"] = {name: min(t) for name, t in adamw_times.items()}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -935,7 +895,7 @@ def bench_flops(settings: dict, tokenizer) -> dict:
     model = gpt2()
     flops_token = flops_per_token(model, seq_len)
     base = step_throughput(
-        model, tokenizer, batch, seq_len, f["steps"], profile=f["levers"], compare_fused_adam=f["levers"]
+        model, tokenizer, batch, seq_len, f["steps"], profile=f["levers"], compare_adamw=f["levers"]
     )
     peaks.append(matmul_peak())  # before and after the steps: the larger one is the (conservative) peak
     peak32 = max(peaks)
@@ -943,7 +903,7 @@ def bench_flops(settings: dict, tokenizer) -> dict:
     rows = batch * seq_len
     out = {
         "model": "GPT-2 124M shape (12×768, 50257 vocab), fp32, SDPA, dropout 0; hftoolkit backward_window + clip "
-        "+ AdamW from hftoolkit.train.build_optimizer (on CPU: fused=False, i.e. torch's single-tensor loop)",
+        "+ AdamW from hftoolkit.train.build_optimizer (fused)",
         "params": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_token,
         "fp32_matmul_peak_flops": peak32,
@@ -981,10 +941,11 @@ def bench_flops(settings: dict, tokenizer) -> dict:
             f"no change: torch already runs {default_threads} threads = {cores} cores"
         )
     if "adamw_step_s" in base:
-        # The step with the fused kernel in place of hftoolkit's CPU AdamW: the timed step's other phases plus the
-        # fused step's time, both kernels having been timed in alternation on the same gradients.
-        step_s = base["step_s"] - base["optimizer_s"] + base["adamw_step_s"]["fused"]
-        levers["fused_adamw"] = {
+        # The same step with torch's default AdamW in place of the fused one hftoolkit builds: the timed step's
+        # other phases plus the default implementation's time (both timed in alternation on the same gradients).
+        step_s = base["step_s"] - base["optimizer_s"] + base["adamw_step_s"]["torch_default"]
+        levers["torch_default_adamw_instead_of_fused"] = {
+            "note": "already hftoolkit's choice; tokens_per_s is the step with torch's default AdamW instead",
             "tokens_per_s": rows / step_s,
             "step_s": step_s,
             "adamw_step_s": base["adamw_step_s"],
