@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import sys
 import time
@@ -142,12 +143,15 @@ def main(argv=None) -> int:
             result = run(args, batch)
             break
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if batch == 1:
-                print("error: out of memory even at --batch 1; lower --seq-len", file=sys.stderr)
-                return 1
-            print(f"batch {batch} does not fit; retrying with {batch // 2}", file=sys.stderr)
-            batch //= 2
+            pass
+        # Outside the except block, so the failed attempt's tensors (held by the traceback) can be freed.
+        if batch == 1:
+            print("error: out of memory even at --batch 1; lower --seq-len", file=sys.stderr)
+            return 1
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"batch {batch} does not fit; retrying with {batch // 2}", file=sys.stderr)
+        batch //= 2
     peak = result["peak_bf16_flops"]
     mfu = (
         f"{result['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s bf16"

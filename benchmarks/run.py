@@ -35,8 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
 
-# What each mode runs. `quick` fits a busy 2-core machine in ~10-15 minutes; `full` is the same with more data
-# and the 6-layer preset; `smoke` only checks that every path runs (a minute or two).
+# What each mode runs. `quick` takes 7-8 minutes on an idle 2-core machine (10-14 when others load it); `full` is
+# the same with more data and the 6-layer preset; `smoke` only checks that every path runs (about two minutes).
 SETTINGS = {
     "smoke": {
         "preset": "tiny",
@@ -984,6 +984,29 @@ def geomean(values: list[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else float("nan")
 
 
+def code_version() -> dict:
+    """Which hftoolkit was measured: its folder, the repository's commit, and whether hftoolkit/ had uncommitted
+    changes (the working tree may be shared with other work; a dirty tree means the figures may not match HEAD)."""
+    import subprocess
+
+    import hftoolkit
+
+    package = Path(hftoolkit.__file__).resolve().parent
+    out = {"hftoolkit_path": str(package), "commit": os.environ.get("HFTOOLKIT_BENCH_COMMIT")}
+    try:
+        git = ["git", "-C", str(package.parent)]
+        out["commit"] = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", "hftoolkit"], capture_output=True, text=True, check=True
+        ).stdout
+        out["hftoolkit_uncommitted_changes"] = bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a git checkout (e.g. a `git archive` snapshot): HFTOOLKIT_BENCH_COMMIT names it, if set
+    return out
+
+
 def load_average() -> list[float]:
     try:
         return list(os.getloadavg())
@@ -993,7 +1016,7 @@ def load_average() -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small settings: ~10-15 min on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="small settings: 7-8 min on 2 idle CPU cores")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: check that every path runs")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument(
@@ -1033,6 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": load_before,
         },
         "settings": settings,
+        "code": code_version(),
     }
     benches = load_benches(settings)
     train_results, eval_results = {}, {}
@@ -1079,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cpu_flops"] = bench_flops(settings, tokenizer)
         report["cpu_mfu_vs_matmul_peak"] = report["cpu_flops"]["cpu_mfu_vs_matmul_peak"]
     report["machine"]["load_average_after"] = load_average()
+    report["code_after"] = code_version()  # changed during the run if it differs from "code"
     report["wall_seconds"] = time.perf_counter() - started
     headline = {
         k: report[k]
