@@ -59,7 +59,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run code shipped with a Hub checkpoint. Off unless you trust the repo."""
     attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa | eager | flash_attention_2 (if installed)."""
+    """Attention kernel: sdpa | eager | flash_attention_2 (if installed). sdpa falls back to eager for
+    architectures without it (GPT-Neo)."""
     dropout: float | None = None
     """Set every dropout probability of the model (GPT-2: resid/embd/attn_pdrop); null keeps the checkpoint's."""
     gradient_checkpointing: bool = False

@@ -16,6 +16,7 @@ import torch
 from hftoolkit import metrics as metric_lib
 from hftoolkit.data import encode_prompts
 from hftoolkit.generation import Decoding, generate_batch, generation_context, needs_synced_gpus
+from hftoolkit.modeling import TARGET_LABELS
 
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,14 +24,20 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     `use_cache=False` matters: with packed rows (position_ids, no attention_mask) it is what makes transformers
     build the block-causal mask; GPT-2 would otherwise create a cache and let examples attend to each other.
+    On a model prepared with `enable_target_only_head`, the LM head runs only where there is a target.
     """
+    from accelerate.utils import extract_model_from_parallel
+
     labels = batch["labels"]
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).logits
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch.get("attention_mask"),
+        "position_ids": batch.get("position_ids"),
+    }
+    inner = extract_model_from_parallel(model)
+    if getattr(inner, "hftoolkit_target_only_head", False):
+        return model(**inputs, **{TARGET_LABELS: labels})
+    logits = model(**inputs, use_cache=False).logits
     # Shift the labels, not the logits: slicing logits[:, :-1] would copy the (batch × length × vocab) tensor,
     # the largest one in a GPT-2 step. Position t predicts label t+1; the last position predicts nothing.
     shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]

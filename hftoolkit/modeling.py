@@ -231,14 +231,24 @@ def load_model_and_tokenizer(model_cfg, train_texts: Iterable[str] | None = None
         from transformers import AutoModelForCausalLM
 
         tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
+        kwargs = {
+            "revision": model_cfg.revision,
+            "trust_remote_code": model_cfg.trust_remote_code,
+            "dtype": "float32",  # master weights in fp32; accelerate autocasts for bf16/fp16
+        }
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_cfg.name_or_path,
-                revision=model_cfg.revision,
-                trust_remote_code=model_cfg.trust_remote_code,
-                attn_implementation=model_cfg.attn_implementation,
-                dtype="float32",  # master weights in fp32; accelerate autocasts for bf16/fp16
-            )
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_cfg.name_or_path, attn_implementation=model_cfg.attn_implementation, **kwargs
+                )
+            except ValueError as e:
+                # "sdpa" (the default) means SDPA where the architecture has it: GPT-Neo, for one, does not.
+                if model_cfg.attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                    raise
+                logger.warning("%s has no SDPA attention: using eager attention", model_cfg.name_or_path)
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_cfg.name_or_path, attn_implementation="eager", **kwargs
+                )
         except (OSError, ValueError) as e:
             raise UserError(
                 f"model.name_or_path: cannot load '{model_cfg.name_or_path}' ({_first_line(e)})"
@@ -306,3 +316,87 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+# Model types whose *ForCausalLM.forward is exactly `lm_head(base_model(...).last_hidden_state)`: no logit scaling,
+# soft-capping or bias added after the head (checked in transformers 5.24's modeling files).
+TARGET_ONLY_HEAD_TYPES = frozenset(
+    {"gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "codegen", "gpt_bigcode", "falcon", "llama", "mistral",
+     "qwen2", "phi"}
+)  # fmt: skip
+TARGET_LABELS = "hftoolkit_target_labels"
+
+
+def _target_only_forward(self, *args, **kwargs):
+    """The model's own forward, unless called with `hftoolkit_target_labels=labels`: then it runs the body, applies
+    the LM head only at positions whose (shifted) label is a target, and returns (per-row summed cross-entropy,
+    per-row target counts) instead of the (batch × length × vocab) logits."""
+    labels = kwargs.pop(TARGET_LABELS, None)
+    if labels is None:
+        return type(self).forward(self, *args, **kwargs)
+    import torch
+
+    inputs = {
+        k: kwargs.get(k) for k in ("input_ids", "attention_mask", "position_ids") if kwargs.get(k) is not None
+    }
+    hidden = self.base_model(**inputs, use_cache=False).last_hidden_state
+    # Position t predicts label t+1; the last position predicts nothing.
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = shifted != -100
+    logits = self.get_output_embeddings()(hidden[keep])
+    nll = torch.nn.functional.cross_entropy(logits.float(), shifted[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return per_row, keep.sum(dim=1)
+
+
+def enable_target_only_head(model) -> bool:
+    """Let `token_losses` skip the LM head at positions without a target.
+
+    With the prompt masked, most positions of a summarization or QA batch have no target, and with GPT-2's
+    50k-token vocabulary the head and its log-softmax are most of a small model's step (0.27 s instead of 3.28 s
+    for head + loss on an [8, 511] SciTLDR batch, see benchmarks/). The selection has to happen inside the module
+    that accelerate wraps, so that DDP/FSDP/DeepSpeed see one ordinary forward: the model instance's `forward` is
+    replaced by one that takes an extra keyword (the class and every other call, `generate` included, are
+    untouched). Liger-Kernel patches forwards the same way. Returns False, leaving the model as it was, for model
+    types not known to be plain `head(body(x))`.
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: patch the inner model
+    if (
+        getattr(hf.config, "model_type", None) not in TARGET_ONLY_HEAD_TYPES
+        or hf.get_output_embeddings() is None
+    ):
+        return False
+    import types
+
+    hf.forward = types.MethodType(_target_only_forward, hf)
+    hf.hftoolkit_target_only_head = True
+    return True
+
+
+def packing_keeps_examples_apart(model) -> bool:
+    """Probe: does this model, given restarting position ids and no attention mask, keep packed examples apart?
+
+    transformers builds the block-causal mask from position ids only in architectures whose mask code receives
+    them: GPT-2, GPT-Neo, GPT-NeoX and Llama do; OPT (5.24) does not, so its packed examples would silently attend
+    to each other. Rather than trust a list, run the model once on two short sequences packed in one row and
+    compare the second with the same sequence run alone (two forwards of 11 tokens, before any wrapping).
+    """
+    import torch
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vocab = hf.get_input_embeddings().num_embeddings
+    device = next(hf.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(0, vocab, (1, 5), generator=g), torch.randint(0, vocab, (1, 6), generator=g)
+    row = torch.cat([first, second], dim=1).to(device)
+    positions = torch.cat([torch.arange(5), torch.arange(6)]).unsqueeze(0).to(device)
+    was_training = hf.training
+    hf.eval()
+    try:
+        with torch.no_grad():
+            packed = hf(input_ids=row, position_ids=positions, use_cache=False).logits[0, 5:].float()
+            alone = hf(input_ids=second.to(device), use_cache=False).logits[0].float()
+    finally:
+        hf.train(was_training)
+    return torch.allclose(packed, alone, rtol=1e-3, atol=1e-4 * max(1.0, alone.abs().max().item()))

@@ -32,7 +32,13 @@ from hftoolkit.evaluation import (
     per_example_scores,
 )
 from hftoolkit.generation import Decoding
-from hftoolkit.modeling import context_length, load_model_and_tokenizer, save_pretrained
+from hftoolkit.modeling import (
+    context_length,
+    enable_target_only_head,
+    load_model_and_tokenizer,
+    packing_keeps_examples_apart,
+    save_pretrained,
+)
 from hftoolkit.tasks import get_task
 
 logger = logging.getLogger("hftoolkit")
@@ -370,6 +376,20 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         ]
     model, tokenizer = load_model_and_tokenizer(recipe.model, train_texts, seed=recipe.seed)
     skip_padding_check(model)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(
+            f"model.name_or_path: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} "
+            "rows; use the tokenizer the checkpoint was trained with"
+        )
+    packing = data_cfg.packing
+    if packing and not packing_keeps_examples_apart(model):
+        packing = False
+        acc.print(
+            f"data.packing: {type(model).__name__} lets packed examples attend to each other (its attention mask "
+            "ignores position ids), so this run pads batches instead; set data.packing=false to silence this"
+        )
+    enable_target_only_head(model)
     if acc.device.type == "cuda":
         import torch
 
@@ -402,10 +422,10 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
     with acc.main_process_first():
         if "train" in splits:
             train_ds, train_stats = tokenize_split(
-                task, tokenizer, splits["train"], data_cfg, data_cfg.max_seq_len, data_cfg.packing
+                task, tokenizer, splits["train"], data_cfg, data_cfg.max_seq_len, packing
             )
         eval_ds, eval_stats = tokenize_split(
-            task, tokenizer, eval_raw, data_cfg, data_cfg.max_seq_len, data_cfg.packing
+            task, tokenizer, eval_raw, data_cfg, data_cfg.max_seq_len, packing
         )
     eval_batch = recipe.eval.per_device_eval_batch_size
     run.eval_loader = acc.prepare_data_loader(build_eval_loader(eval_ds, eval_batch, tokenizer.pad_token_id))
@@ -424,7 +444,7 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
             train_ds,
             batch,
             recipe.seed,
-            data_cfg.packing,
+            packing,
             tokenizer.pad_token_id,
             data_cfg.max_seq_len,
             acc.num_processes,
