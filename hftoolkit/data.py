@@ -370,8 +370,25 @@ def pad_collate(features: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum()}
 
 
+def _first_fit(lengths: list[int], order: list[int], cap: int) -> tuple[list[list[int]], list[int]]:
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for r, u in enumerate(used):
+            if u + n <= cap:
+                rows[r].append(i)
+                used[r] += n
+                break
+        else:
+            rows.append([i])
+            used.append(n)
+    return rows, used
+
+
 def pack_collate(features: list[dict], pad_id: int, row_len: int) -> dict:
-    """Bin-pack the batch's examples into rows of ≤ row_len tokens (first-fit decreasing).
+    """Bin-pack the batch's examples into as few rows of ≤ row_len tokens as first-fit decreasing manages, filled
+    evenly: rows are padded to the longest one, so 3 rows of 400 tokens cost less than 512 + 512 + 176.
 
     Position ids restart at 0 for each example and no attention_mask is passed: transformers 5.x then builds a
     block-causal mask from the position ids, so examples in a row cannot attend to each other — PROVIDED the
@@ -379,19 +396,16 @@ def pack_collate(features: list[dict], pad_id: int, row_len: int) -> dict:
     STACK_NOTES). We write this rather than use DataCollatorWithFlattening because flattening a whole batch
     into one row makes SDPA's masked attention cost grow with the square of the batch's total tokens.
     """
-    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i in order:
-        n = len(features[i]["input_ids"])
-        for r, u in enumerate(used):
-            if u + n <= row_len:
-                rows[r].append(i)
-                used[r] += n
-                break
-        else:
-            rows.append([i])
-            used.append(n)
+    lengths = [len(f["input_ids"]) for f in features]
+    order = sorted(range(len(features)), key=lambda i: -lengths[i])
+    fewest = -(-sum(lengths) // row_len)
+    # Start from an even share per row and widen the cap until first fit needs no more rows than the fewest.
+    cap = max(lengths[order[0]], -(-sum(lengths) // fewest))
+    while True:
+        rows, used = _first_fit(lengths, order, min(cap, row_len))
+        if len(rows) <= fewest or cap >= row_len:
+            break
+        cap += max(1, cap // 32)
     width = max(used)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)

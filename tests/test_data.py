@@ -127,6 +127,20 @@ def test_packed_logits_and_loss_equal_unpacked():
     assert not torch.allclose(logits, leaky, atol=1e-4)
 
 
+def test_pack_collate_fills_rows_evenly():
+    """800 tokens with 512-token rows need 2 rows; filled evenly they are 400 wide, not 512 (first fit to the
+    limit would make them 500 + 300 and pad both to 500). Every token is kept, once."""
+    feats = [
+        {"input_ids": [k + 1] * n, "labels": [k + 1] * n} for k, n in enumerate((200, 100, 200, 100, 200))
+    ]
+    packed = pack_collate(feats, pad_id=0, row_len=512)
+    assert tuple(packed["input_ids"].shape) == (2, 400)
+    assert sorted(packed["input_ids"].flatten().tolist()) == sorted(sum((f["input_ids"] for f in feats), []))
+    # Nothing can be balanced below the longest example, and rows never exceed row_len.
+    wide = [{"input_ids": [1] * n, "labels": [1] * n} for n in (500, 30, 30)]
+    assert tuple(pack_collate(wide, 0, 512)["input_ids"].shape) == (2, 500)
+
+
 def _locate(rows: torch.Tensor, ids: list[int]):
     n = len(ids)
     target = torch.tensor(ids)
