@@ -367,9 +367,15 @@ def enable_target_only_head(model) -> bool:
         or hf.get_output_embeddings() is None
     ):
         return False
+    import functools
     import types
 
-    hf.forward = types.MethodType(_target_only_forward, hf)
+    # Keep the class forward's signature visible: `generate` inspects it (e.g. for `logits_to_keep`, which spares
+    # the prefill the full-vocabulary logits of every prompt position).
+    forward = functools.wraps(type(hf).forward)(
+        lambda self, *args, **kwargs: _target_only_forward(self, *args, **kwargs)
+    )
+    hf.forward = types.MethodType(forward, hf)
     hf.hftoolkit_target_only_head = True
     return True
 

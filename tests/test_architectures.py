@@ -92,6 +92,9 @@ def test_targets_only_head_keeps_forward_and_generate():
         torch.testing.assert_close(fast(input_ids=ids).logits, full(input_ids=ids).logits)
         kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
         assert torch.equal(fast.generate(ids, **kw), full.generate(ids, **kw))
+    # generate reads the forward's signature: it must still see logits_to_keep (prefill then skips the LM head
+    # on all prompt positions but the last).
+    assert fast._supports_logits_to_keep()
     # A deep copy keeps the fast path, bound to the copy rather than the original.
     twin = copy.deepcopy(fast)
     assert twin.forward.__self__ is twin
