@@ -203,10 +203,16 @@ def train_hftoolkit(recipe, model, train_ds, tokenizer, epoch: int = 0) -> dict:
 
     from hftoolkit import train
     from hftoolkit.data import build_train_loader, steps_per_epoch
-    from hftoolkit.run import make_accelerator
+    from hftoolkit.modeling import enable_target_only_head, packing_keeps_examples_apart
+    from hftoolkit.run import make_accelerator, skip_padding_check
 
     cfg, data = recipe.train, recipe.data
     acc = make_accelerator(recipe)
+    # What prepare_run does to the model (the Trainer side gets the plain model): no per-forward pad check,
+    # packing verified to keep examples apart, LM head only at target positions.
+    skip_padding_check(model)
+    assert packing_keeps_examples_apart(model)
+    assert enable_target_only_head(model)
     loader = build_train_loader(
         train_ds, cfg.per_device_train_batch_size, recipe.seed, True, tokenizer.pad_token_id, data.max_seq_len
     )
@@ -371,7 +377,7 @@ def combine_runs(runs: list[dict]) -> dict:
 
 
 def bench_training(
-    bench: Bench, settings: dict, tokenizer, workdir: Path, ours_first: bool, what_if: bool = False
+    bench: Bench, settings: dict, tokenizer, workdir: Path, ours_first: bool
 ) -> tuple[dict, object]:
     from datasets import Dataset
 
@@ -394,13 +400,11 @@ def bench_training(
             return train_hf_trainer(
                 recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-hf")
             )
-        with suggested_fixes() if side == "hftoolkit_what_if" else contextlib.nullcontext():
-            return train_hftoolkit(recipe, model, train_ds, tokenizer)
+        return train_hftoolkit(recipe, model, train_ds, tokenizer)
 
     # A B B A (or B A A B): both sides see the same drift in the machine's load; which goes first alternates
     # across datasets.
     sides = ["hftoolkit", "hf_trainer"] if ours_first else ["hf_trainer", "hftoolkit"]
-    sides += ["hftoolkit_what_if"] if what_if else []
     sequence = [
         side for r in range(settings["train_repeats"]) for side in (sides if r % 2 == 0 else sides[::-1])
     ]
@@ -438,75 +442,11 @@ def bench_training(
         f"{out['speedup_median_step_ratio']:.2f}x) | final loss {a['final_loss']:.4f} vs {b['final_loss']:.4f} "
         f"(ratio {out['final_loss_ratio']:.4f}, max per-step diff {out['per_step_loss_max_rel_diff']:.2%})"
     )
-    if "hftoolkit_what_if" in results:
-        c = summarize_side(results["hftoolkit_what_if"], n_timed)
-        out["hftoolkit_what_if"] = c | {"changes": SUGGESTED_FIXES}
-        out["what_if_speedup"] = c["examples_per_s"] / b["examples_per_s"]
-        out["what_if_final_loss_ratio"] = c["final_loss"] / b["final_loss"]
-        line += (
-            f" | with the suggested fixes: {c['examples_per_s']:.2f} ex/s (padding {c['padding_fraction']:.1%}), "
-            f"{out['what_if_speedup']:.2f}x, loss ratio {out['what_if_final_loss_ratio']:.4f}"
-        )
     print(line, flush=True)
     return out, (recipe, train_ds, ours["model"])
 
 
-# --------------------------------------------------------------------------------------------- what-if
-
-SUGGESTED_FIXES = [
-    "token_losses: run the LM head only on positions with a target (prompt and padding positions have none)",
-    "pack_collate: balance rows (fill ceil(total/max_seq_len) rows evenly) instead of first-fit to max_seq_len",
-]
-
-
-def token_losses_targets_only(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """hftoolkit.evaluation.token_losses, same values, with the LM head run only on the positions that have a
-    target. With the prompt masked (-100) most positions have none, and with GPT-2's 50k vocabulary the LM head and
-    its softmax are most of a small model's step; masked positions add nothing to the loss or the gradient.
-    (A what-if only: calling the body and the head separately bypasses a DDP/FSDP wrapper's forward; in the library
-    the selection belongs inside the module that accelerate wraps.)"""
-    labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
-    hidden = model.base_model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).last_hidden_state
-    mask = labels != -100
-    logits = model.get_output_embeddings()(hidden[mask])
-    nll = torch.nn.functional.cross_entropy(logits.float(), labels[mask], reduction="none")
-    rows = mask.nonzero()[:, 0]
-    return torch.zeros(labels.shape[0], dtype=nll.dtype).index_add(0, rows, nll), mask.sum(dim=1)
-
-
-def balanced_pack_collate(original):
-    """pack_collate into as few rows as max_seq_len allows, each filled to about the same length."""
-
-    def collate(features: list[dict], pad_id: int, row_len: int) -> dict:
-        lengths = [len(f["input_ids"]) for f in features]
-        rows = -(-sum(lengths) // row_len)
-        cap = max(max(lengths), -(-sum(lengths) // rows))
-        while True:
-            out = original(features, pad_id, cap)
-            if out["input_ids"].shape[0] <= rows or cap >= row_len:
-                return out
-            cap = min(row_len, cap + max(1, cap // 32))
-
-    return collate
-
-
-@contextlib.contextmanager
-def suggested_fixes():
-    """Run hftoolkit's loop with SUGGESTED_FIXES patched in (the files under hftoolkit/ are not touched)."""
-    from hftoolkit import data, train
-
-    saved = (train.token_losses, data.pack_collate)
-    train.token_losses = token_losses_targets_only
-    data.pack_collate = balanced_pack_collate(saved[1])
-    try:
-        yield
-    finally:
-        train.token_losses, data.pack_collate = saved
+# --------------------------------------------------------------------------------------------- diagnostics
 
 
 def alternate_best(fns: dict, reps: int = 5) -> dict:
@@ -522,8 +462,9 @@ def alternate_best(fns: dict, reps: int = 5) -> dict:
 
 def diagnose_training(recipe, tokenizer, train_ds) -> dict:
     """Where a step's time goes, each piece timed alone on one real packed batch, variants in alternation: the LM
-    head + loss (hftoolkit's token_losses, HF's ForCausalLMLoss, and the what-if that runs the head on target
-    positions only) and the transformer body with the block-causal mask that packing needs vs a plain causal one."""
+    head + loss at every position (token_losses without the targets-only forward; HF's ForCausalLMLoss) and at
+    target positions only (what hftoolkit's forward does), and the transformer body with the block-causal mask that
+    packing needs vs a plain causal one."""
     from types import SimpleNamespace
 
     from transformers.loss.loss_utils import ForCausalLMLoss
@@ -569,9 +510,9 @@ def diagnose_training(recipe, tokenizer, train_ds) -> dict:
 
     out["lm_head_and_loss_fwd_bwd_s"] = alternate_best(
         {
-            "hftoolkit_token_losses": hftoolkit_loss,
-            "hf_ForCausalLMLoss": hf_loss,
-            "targets_only": targets_only,
+            "all_positions_token_losses": hftoolkit_loss,
+            "all_positions_hf_ForCausalLMLoss": hf_loss,
+            "targets_only_hftoolkit": targets_only,
         }
     )
     model.zero_grad(set_to_none=True)
@@ -601,22 +542,26 @@ def train_more(recipe, model, train_ds, tokenizer, epochs: int):
 # --------------------------------------------------------------------------------------------- b. evaluation
 
 
-def eval_hftoolkit(model, tokenizer, task, gen_set, decoding, batch_size: int) -> dict:
+def eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe) -> dict:
+    """hftoolkit's eval as Run.evaluate runs it: batches sized by the recipe's token budget, then
+    generate_predictions."""
     from accelerate import Accelerator
 
-    from hftoolkit.evaluation import build_generation_loader, generate_predictions
+    from hftoolkit.evaluation import build_generation_loader, generate_predictions, generation_batch_sizes
 
     acc = Accelerator(cpu=True)
     start = time.perf_counter()
-    loader = build_generation_loader(acc, gen_set, batch_size)
+    sizes = generation_batch_sizes(recipe.eval, recipe.data.max_seq_len, decoding.max_new_tokens)
+    loader = build_generation_loader(acc, gen_set, **sizes)
     preds = generate_predictions(acc, model, tokenizer, task, gen_set, loader, decoding)
     elapsed = time.perf_counter() - start
-    order = sorted(range(len(gen_set.prompts)), key=lambda i: -len(gen_set.prompts[i]))
     return {
         "seconds": elapsed,
         "predictions": [p["prediction"] for p in preds],
         "stopped_fraction": sum(p["stopped"] for p in preds) / len(preds),
-        "prompt_padding_fraction": prompt_padding([gen_set.prompts[i] for i in order], batch_size),
+        "prompt_padding_fraction": prompt_padding([[gen_set.prompts[i] for i in b] for b in loader]),
+        "batch_rows": [len(b) for b in loader],
+        "batch_token_budget": sizes["budget"],
     }
 
 
@@ -646,13 +591,17 @@ def eval_examples_loop(model, tokenizer, task, prompts: list[list[int]], decodin
     return {
         "seconds": elapsed,
         "predictions": preds,
-        "prompt_padding_fraction": prompt_padding(prompts, batch_size),
+        "prompt_padding_fraction": prompt_padding(
+            [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        ),
+        "batch_rows": [len(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)],
     }
 
 
-def prompt_padding(prompts: list[list[int]], batch_size: int) -> float:
-    lengths = [len(p) for p in prompts]
-    return 1 - sum(lengths) / padded_tokens(lengths, batch_size)
+def prompt_padding(batches: list[list[list[int]]]) -> float:
+    """Share of the prefill's positions that are left padding."""
+    real = sum(len(p) for b in batches for p in b)
+    return 1 - real / sum(max(map(len, b)) * len(b) for b in batches)
 
 
 @contextlib.contextmanager
@@ -675,6 +624,9 @@ def bench_eval(
     from hftoolkit.tasks import get_task
 
     task = get_task(recipe.task)
+    # The trained model carries hftoolkit's targets-only forward, which only training calls (generate goes through
+    # the class forward). Both sides get the stock forward here.
+    model.__dict__.pop("forward", None)
     refs = [task.references(r, recipe.data) for r in bench.eval_rows]
     max_new = default_max_new_tokens(tokenizer, refs)
     decoding = Decoding(max_new_tokens=max_new, stop_strings=tuple(task.stop_strings))
@@ -684,7 +636,7 @@ def bench_eval(
     def run(side: str) -> dict:
         with count_forwards(model) as calls:
             if side == "hftoolkit":
-                result = eval_hftoolkit(model, tokenizer, task, gen_set, decoding, batch_size)
+                result = eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe)
             else:
                 result = eval_examples_loop(model, tokenizer, task, gen_set.prompts, decoding, batch_size)
         return result | {"forward_calls": calls[0]}
@@ -715,6 +667,8 @@ def bench_eval(
             "seconds": ours["seconds"],
             "seconds_all_runs": [r["seconds"] for r in runs["hftoolkit"]],
             "prompt_padding_fraction": ours["prompt_padding_fraction"],
+            "batch_rows": ours["batch_rows"],
+            "batch_token_budget": ours["batch_token_budget"],
             "stopped_fraction": ours["stopped_fraction"],
             "forward_calls": ours["forward_calls"],
         },
@@ -723,6 +677,7 @@ def bench_eval(
             "seconds": loop["seconds"],
             "seconds_all_runs": [r["seconds"] for r in runs["examples_loop"]],
             "prompt_padding_fraction": loop["prompt_padding_fraction"],
+            "batch_rows": loop["batch_rows"],
             "forward_calls": loop["forward_calls"],
         },
         "speedup": loop["seconds"] / ours["seconds"],
@@ -739,7 +694,8 @@ def bench_eval(
             "loop": loop["predictions"][i],
         }
     print(
-        f"[eval {bench.name}] hftoolkit {ours['seconds']:.1f}s ({ours['forward_calls']} forwards) | examples loop "
+        f"[eval {bench.name}] hftoolkit {ours['seconds']:.1f}s ({ours['forward_calls']} forwards, "
+        f"{len(ours['batch_rows'])} batches of ≤ {max(ours['batch_rows'])} rows) | examples loop "
         f"{loop['seconds']:.1f}s ({loop['forward_calls']} forwards) | speedup {out['speedup']:.2f}x | identical "
         f"{out['predictions_identical']} ({len(differing)} differ) | stopped {ours['stopped_fraction']:.0%} | "
         f"max_new_tokens {max_new}",
@@ -1022,11 +978,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["train", "eval", "flops"], help="parts to skip"
     )
-    parser.add_argument(
-        "--what-if",
-        action="store_true",
-        help="also train with the suggested hftoolkit fixes patched in (slower)",
-    )
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     settings = SETTINGS[mode]
@@ -1065,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             if "train" in args.skip and "eval" in args.skip:
                 break
             train_out, (recipe, train_ds, model) = bench_training(
-                bench, settings, tokenizer, Path(tmp), k % 2 == 0, args.what_if
+                bench, settings, tokenizer, Path(tmp), k % 2 == 0
             )
             if "train" not in args.skip:
                 train_results[bench.name] = train_out

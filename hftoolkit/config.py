@@ -190,7 +190,10 @@ class EvalConfig:
     stop_strings: list[str] | None = None
     """Stop decoding at any of these strings (default: the task's)."""
     per_device_eval_batch_size: int = 16
-    """Prompts per device per generation batch."""
+    """Examples per device per eval-loss batch; also sets the default eval.batch_tokens."""
+    batch_tokens: int | None = None
+    """Token budget of a generation batch, rows × (longest prompt + max_new_tokens) × beams (default:
+    per_device_eval_batch_size × data.max_seq_len). Prompts run longest first, so short ones share big batches."""
     max_eval_samples_during_training: int | None = None
     """Budgeted subset for the periodic evals (baseline and final use the whole eval set)."""
     baseline: bool = True
@@ -421,6 +424,7 @@ def validate(r: Recipe) -> None:
     )
     need(t.per_device_train_batch_size >= 1, "train.per_device_train_batch_size: must be ≥ 1")
     need(e.per_device_eval_batch_size >= 1, "eval.per_device_eval_batch_size: must be ≥ 1")
+    need(e.batch_tokens is None or e.batch_tokens >= 1, "eval.batch_tokens: must be ≥ 1 (or null)")
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be ≥ 1")
     need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: {t.warmup_ratio} is out of range [0, 1)")
     need(

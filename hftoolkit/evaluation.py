@@ -91,21 +91,64 @@ def build_generation_set(task, tokenizer, rows: list[dict], data_cfg, prompt_bud
     return GenerationSet(prompts=prompts, prompt_texts=texts, references=references)
 
 
-def build_generation_loader(accelerator, gen_set: GenerationSet, batch_size: int, limit: int | None = None):
-    """A prepared loader over example indices, longest prompt first."""
-    from torch.utils.data import DataLoader
+def generation_batches(
+    prompt_lengths: list[int], budget: int, new_tokens: int, max_rows: int
+) -> list[list[int]]:
+    """Example indices grouped longest prompt first, each group as many rows as fit `budget` tokens.
 
+    A row of a left-padded batch costs (its batch's longest prompt + new_tokens) positions of KV cache, so a
+    group of prompts of ~30 tokens can hold ten times the rows of one of ~400 within the same memory. Sorting first
+    also leaves little padding within a group. At least one row per group, at most max_rows.
+    """
+    order = sorted(range(len(prompt_lengths)), key=lambda i: -prompt_lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            rows = len(batches[-1]) + 1
+            # Sorted longest first: the group's first prompt is its longest.
+            if rows <= max_rows and rows * (prompt_lengths[batches[-1][0]] + new_tokens) <= budget:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def generation_batch_sizes(eval_cfg, max_seq_len: int, max_new_tokens: int) -> dict:
+    """build_generation_loader's sizing from the recipe's eval section."""
+    budget = eval_cfg.batch_tokens or eval_cfg.per_device_eval_batch_size * max_seq_len
+    return {
+        "budget": budget // eval_cfg.num_beams,  # beam search decodes num_beams rows per prompt
+        "new_tokens": max_new_tokens,
+        # A bound on the rows of one decoding step (its logits are rows × vocabulary floats).
+        "max_rows": max(256, eval_cfg.per_device_eval_batch_size),
+    }
+
+
+def build_generation_loader(
+    accelerator, gen_set: GenerationSet, budget: int, new_tokens: int, max_rows: int, limit: int | None = None
+) -> list[list[int]]:
+    """This process's share of `generation_batches` (dealt round-robin, longest first).
+
+    Every process gets the same number of batches, because sharded models (FSDP, ZeRO-3) generate in lockstep:
+    a process short of one repeats a batch, and `generate_predictions` drops the duplicate predictions.
+    """
     n = len(gen_set.prompts) if limit is None else min(limit, len(gen_set.prompts))
-    order = sorted(range(n), key=lambda i: -len(gen_set.prompts[i]))
-    loader = DataLoader(order, batch_size=batch_size, collate_fn=list, shuffle=False)
-    return accelerator.prepare_data_loader(loader, device_placement=False)
+    batches = generation_batches([len(p) for p in gen_set.prompts[:n]], budget, new_tokens, max_rows)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = batches[rank::world]
+    per_process = -(-len(batches) // world)
+    return mine + [mine[-1] if mine else batches[0]] * (per_process - len(mine))
 
 
 @torch.no_grad()
 def generate_predictions(
     accelerator, model, tokenizer, task, gen_set, loader, decoding: Decoding
 ) -> list[dict]:
-    """[{index, prediction, completion, stopped}] in dataset order, identical on every process."""
+    """[{index, prediction, completion, stopped}] in dataset order, identical on every process.
+
+    `loader`: this process's batches of example indices (build_generation_loader)."""
+    from accelerate.utils import gather_object
+
     model.eval()
     tokenizer.padding_side = "left"
     results = []
@@ -124,10 +167,10 @@ def generate_predictions(
                 }
                 for i, t, s in zip(indices, texts, stopped, strict=True)
             ]
-            results.extend(accelerator.gather_for_metrics(local, use_gather_object=True))
+            results.extend(gather_object(local) if accelerator.num_processes > 1 else local)
     tokenizer.padding_side = "right"
     model.train()
-    return sorted(results, key=lambda r: r["index"])
+    return sorted({r["index"]: r for r in results}.values(), key=lambda r: r["index"])
 
 
 def _squad_inputs(predictions, references):

@@ -29,6 +29,7 @@ from hftoolkit.evaluation import (
     default_max_new_tokens,
     evaluate_loss,
     generate_predictions,
+    generation_batch_sizes,
     per_example_scores,
 )
 from hftoolkit.generation import Decoding
@@ -467,10 +468,11 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
                 f"eval.max_new_tokens: {max_new} leaves no room for the prompt in a {ctx}-token context"
             )
         run.gen_set = build_generation_set(task, tokenizer, rows, data_cfg, budget)
-        run.gen_loaders["full"] = build_generation_loader(acc, run.gen_set, e.per_device_eval_batch_size)
+        sizes = generation_batch_sizes(e, data_cfg.max_seq_len, max_new)
+        run.gen_loaders["full"] = build_generation_loader(acc, run.gen_set, **sizes)
         if e.max_eval_samples_during_training:
             run.gen_loaders["subset"] = build_generation_loader(
-                acc, run.gen_set, e.per_device_eval_batch_size, e.max_eval_samples_during_training
+                acc, run.gen_set, **sizes, limit=e.max_eval_samples_during_training
             )
 
     if resume_from is not None:

@@ -21,8 +21,8 @@ from tests.conftest import REPO_ROOT, tiny_overrides
 
 QA = "recipes/quickstart/qa.yaml"
 CPU_2PROC = "recipes/accelerate/cpu_2proc.yaml"
-# 7 eval rows in generation batches of 3: ranks get uneven shards, accelerate pads the last batches with
-# duplicates, and gather_for_metrics must drop them. Unpacked batches: the sampler groups lengths, which only
+# 7 eval rows in generation batches of a few rows (a 200-token budget): ranks get uneven shards, the short one
+# repeats a batch (sharded models generate in lockstep), and the gathered predictions must drop the duplicates. Unpacked batches: the sampler groups lengths, which only
 # matches across world sizes when it groups by the global batch (run.py). No dropout: the runs must be comparable.
 COMMON = {
     "model.dropout": 0.0,
@@ -30,6 +30,7 @@ COMMON = {
     "eval.baseline": "false",
     "data.synthetic.num_eval": 7,
     "eval.per_device_eval_batch_size": 3,
+    "eval.batch_tokens": 200,
     "data.packing": "false",
 }
 

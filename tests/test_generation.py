@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from hftoolkit.evaluation import generation_batches
 from hftoolkit.generation import Decoding, generate_batch
 from tests.conftest import tiny_gpt2, tiny_overrides
 
@@ -50,3 +51,19 @@ def test_generate_command_uses_the_template(tmp_path, cli):
     assert stdout.startswith("Ann lives in Oslo .\nQuestion: Where does Ann live ?\nAnswer:")
     code, _, err = cli("generate", out / "model", "--input", "plain context only")
     assert code == 2 and "{question}" in err and "--field question=" in err
+
+
+def test_generation_batches_fill_a_token_budget():
+    """Longest prompt first; each batch holds as many rows as fit the budget at (its longest prompt + new tokens)
+    per row, so short prompts share bigger batches; every prompt exactly once; never over max_rows."""
+    lengths = [30, 400, 28, 31, 390, 29, 30, 27, 300, 26, 25]
+    batches = generation_batches(lengths, budget=1000, new_tokens=20, max_rows=4)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [1, 4]  # 2 × (400 + 20) ≤ 1000; a third row would not fit
+    assert batches[1] == [8, 3, 0]  # 3 × (300 + 20) ≤ 1000
+    assert batches[2:] == [[6, 5, 2, 7], [9, 10]]  # short prompts: capped at max_rows
+    for b in batches:
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 20) <= 1000
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    # A prompt longer than the budget still gets a batch of its own.
+    assert generation_batches([900, 10], budget=100, new_tokens=20, max_rows=8) == [[0], [1]]
