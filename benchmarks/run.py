@@ -465,12 +465,10 @@ def diagnose_training(recipe, tokenizer, train_ds) -> dict:
     head + loss at every position (token_losses without the targets-only forward; HF's ForCausalLMLoss) and at
     target positions only (what hftoolkit's forward does), and the transformer body with the block-causal mask that
     packing needs vs a plain causal one."""
-    from types import SimpleNamespace
 
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     from hftoolkit.data import pack_collate
-    from hftoolkit.evaluation import token_losses
 
     model = new_model(recipe, tokenizer)
     model.train()
@@ -491,10 +489,12 @@ def diagnose_training(recipe, tokenizer, train_ds) -> dict:
     lm_head = model.get_output_embeddings()
     n_targets = targets.sum()
 
-    def hftoolkit_loss():
+    def all_positions():  # token_losses' path for models without the targets-only forward
         logits = lm_head(hidden)
-        loss_sum, _ = token_losses(lambda **_: SimpleNamespace(logits=logits), batch)
-        (loss_sum.sum() / n_targets).backward()
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.size(-1)).float(), shifted.reshape(-1), ignore_index=-100, reduction="sum"
+        ).div(n_targets).backward()
 
     def hf_loss():
         ForCausalLMLoss(
@@ -510,7 +510,7 @@ def diagnose_training(recipe, tokenizer, train_ds) -> dict:
 
     out["lm_head_and_loss_fwd_bwd_s"] = alternate_best(
         {
-            "all_positions_token_losses": hftoolkit_loss,
+            "all_positions_token_losses": all_positions,
             "all_positions_hf_ForCausalLMLoss": hf_loss,
             "targets_only_hftoolkit": targets_only,
         }
@@ -542,7 +542,7 @@ def train_more(recipe, model, train_ds, tokenizer, epochs: int):
 # --------------------------------------------------------------------------------------------- b. evaluation
 
 
-def eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe) -> dict:
+def eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe, prompt_budget: int) -> dict:
     """hftoolkit's eval as Run.evaluate runs it: batches sized by the recipe's token budget, then
     generate_predictions."""
     from accelerate import Accelerator
@@ -551,7 +551,7 @@ def eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe) -> dict:
 
     acc = Accelerator(cpu=True)
     start = time.perf_counter()
-    sizes = generation_batch_sizes(recipe.eval, recipe.data.max_seq_len, decoding.max_new_tokens)
+    sizes = generation_batch_sizes(recipe.eval, prompt_budget, decoding.max_new_tokens)
     loader = build_generation_loader(acc, gen_set, **sizes)
     preds = generate_predictions(acc, model, tokenizer, task, gen_set, loader, decoding)
     elapsed = time.perf_counter() - start
@@ -636,7 +636,7 @@ def bench_eval(
     def run(side: str) -> dict:
         with count_forwards(model) as calls:
             if side == "hftoolkit":
-                result = eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe)
+                result = eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe, budget)
             else:
                 result = eval_examples_loop(model, tokenizer, task, gen_set.prompts, decoding, batch_size)
         return result | {"forward_calls": calls[0]}

@@ -192,8 +192,9 @@ class EvalConfig:
     per_device_eval_batch_size: int = 16
     """Examples per device per eval-loss batch; also sets the default eval.batch_tokens."""
     batch_tokens: int | None = None
-    """Token budget of a generation batch, rows × (longest prompt + max_new_tokens) × beams (default:
-    per_device_eval_batch_size × data.max_seq_len). Prompts run longest first, so short ones share big batches."""
+    """Token budget of a generation batch, rows × (longest prompt + max_new_tokens) × beams (default: room for
+    per_device_eval_batch_size prompts of data.max_seq_len). Prompts run longest first, so short ones share big
+    batches."""
     max_eval_samples_during_training: int | None = None
     """Budgeted subset for the periodic evals (baseline and final use the whole eval set)."""
     baseline: bool = True

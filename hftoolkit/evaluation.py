@@ -113,9 +113,10 @@ def generation_batches(
     return batches
 
 
-def generation_batch_sizes(eval_cfg, max_seq_len: int, max_new_tokens: int) -> dict:
-    """build_generation_loader's sizing from the recipe's eval section."""
-    budget = eval_cfg.batch_tokens or eval_cfg.per_device_eval_batch_size * max_seq_len
+def generation_batch_sizes(eval_cfg, prompt_budget: int, max_new_tokens: int) -> dict:
+    """build_generation_loader's sizing from the recipe's eval section. The default budget fits
+    per_device_eval_batch_size rows of the longest prompt allowed, so no batch has fewer rows than that."""
+    budget = eval_cfg.batch_tokens or eval_cfg.per_device_eval_batch_size * (prompt_budget + max_new_tokens)
     return {
         "budget": budget // eval_cfg.num_beams,  # beam search decodes num_beams rows per prompt
         "new_tokens": max_new_tokens,

@@ -468,7 +468,7 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
                 f"eval.max_new_tokens: {max_new} leaves no room for the prompt in a {ctx}-token context"
             )
         run.gen_set = build_generation_set(task, tokenizer, rows, data_cfg, budget)
-        sizes = generation_batch_sizes(e, data_cfg.max_seq_len, max_new)
+        sizes = generation_batch_sizes(e, budget, max_new)
         run.gen_loaders["full"] = build_generation_loader(acc, run.gen_set, **sizes)
         if e.max_eval_samples_during_training:
             run.gen_loaders["subset"] = build_generation_loader(
