@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hftoolkit.errors import UserError
+from hftoolkit.modeling import target_positions
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +368,13 @@ def pad_collate(features: list[dict], pad_id: int) -> dict:
         ids[row, :n] = torch.tensor(f["input_ids"])
         labels[row, :n] = torch.tensor(f["labels"])
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum()}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "num_tokens": mask.sum(),
+        "target_positions": target_positions(labels),
+    }
 
 
 def _first_fit(lengths: list[int], order: list[int], cap: int) -> tuple[list[list[int]], list[int]]:
@@ -424,7 +431,13 @@ def pack_collate(features: list[dict], pad_id: int, row_len: int) -> dict:
         # Trailing padding forms its own segment starting at 0 (never merged with the last example).
         pos[r, at:] = torch.arange(width - at)
     num_tokens = torch.tensor(sum(len(f["input_ids"]) for f in features))
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": num_tokens}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": pos,
+        "num_tokens": num_tokens,
+        "target_positions": target_positions(labels),
+    }
 
 
 def make_collate(pad_id: int, packing: bool, row_len: int):

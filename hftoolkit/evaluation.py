@@ -16,7 +16,7 @@ import torch
 from hftoolkit import metrics as metric_lib
 from hftoolkit.data import encode_prompts
 from hftoolkit.generation import Decoding, generate_batch, generation_context, needs_synced_gpus
-from hftoolkit.modeling import TARGET_LABELS
+from hftoolkit.modeling import TARGET_LABELS, TARGET_POSITIONS, target_labels
 
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +36,11 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     }
     inner = extract_model_from_parallel(model)
     if getattr(inner, "hftoolkit_target_only_head", False):
-        return model(**inputs, **{TARGET_LABELS: labels})
+        return model(**inputs, **{TARGET_LABELS: labels, TARGET_POSITIONS: batch.get("target_positions")})
     logits = model(**inputs, use_cache=False).logits
     # Shift the labels, not the logits: slicing logits[:, :-1] would copy the (batch × length × vocab) tensor,
-    # the largest one in a GPT-2 step. Position t predicts label t+1; the last position predicts nothing.
-    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    # the largest one in a GPT-2 step.
+    shift_labels = target_labels(labels)
     nll = torch.nn.functional.cross_entropy(
         logits.view(-1, logits.size(-1)).float(),
         shift_labels.reshape(-1),

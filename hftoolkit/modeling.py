@@ -325,13 +325,18 @@ TARGET_ONLY_HEAD_TYPES = frozenset(
      "qwen2", "phi"}
 )  # fmt: skip
 TARGET_LABELS = "hftoolkit_target_labels"
+TARGET_POSITIONS = "hftoolkit_target_positions"
 
 
 def _target_only_forward(self, *args, **kwargs):
     """The model's own forward, unless called with `hftoolkit_target_labels=labels`: then it runs the body, applies
     the LM head only at positions whose (shifted) label is a target, and returns (per-row summed cross-entropy,
-    per-row target counts) instead of the (batch × length × vocab) logits."""
+    per-row target counts) instead of the (batch × length × vocab) logits.
+
+    `hftoolkit_target_positions` (optional): those positions as flat indices, computed by the collator on the
+    host. Finding them on the device instead (nonzero) has a data-dependent size: a GPU→CPU sync per forward."""
     labels = kwargs.pop(TARGET_LABELS, None)
+    positions = kwargs.pop(TARGET_POSITIONS, None)
     if labels is None:
         return type(self).forward(self, *args, **kwargs)
     import torch
@@ -340,14 +345,29 @@ def _target_only_forward(self, *args, **kwargs):
         k: kwargs.get(k) for k in ("input_ids", "attention_mask", "position_ids") if kwargs.get(k) is not None
     }
     hidden = self.base_model(**inputs, use_cache=False).last_hidden_state
-    # Position t predicts label t+1; the last position predicts nothing.
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    keep = shifted != -100
-    logits = self.get_output_embeddings()(hidden[keep])
-    nll = torch.nn.functional.cross_entropy(logits.float(), shifted[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
+    shifted = target_labels(labels)
+    if positions is None:
+        positions = (shifted != -100).view(-1).nonzero().squeeze(1)
+    logits = self.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
+    nll = torch.nn.functional.cross_entropy(
+        logits.float(), shifted.reshape(-1).index_select(0, positions), reduction="none"
+    )
+    rows = torch.div(positions, labels.shape[1], rounding_mode="floor")
     per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-    return per_row, keep.sum(dim=1)
+    return per_row, (shifted != -100).sum(dim=1)
+
+
+def target_labels(labels):
+    """Labels aligned with the positions that predict them: position t predicts label t+1, the last predicts
+    nothing (-100). Shifting the labels rather than slicing the logits avoids copying the logits."""
+    import torch
+
+    return torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
+def target_positions(labels):
+    """Flat indices (row × width + column) of the positions that have a target."""
+    return (target_labels(labels) != -100).view(-1).nonzero().squeeze(1)
 
 
 def enable_target_only_head(model) -> bool:
