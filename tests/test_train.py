@@ -152,8 +152,10 @@ def test_backward_window_gradient_equals_one_big_batch():
 
 def test_accumulation_equals_one_big_batch(tmp_path, cli):
     """Through `hftoolkit train`: 8 examples × 1 micro-batch and 4 × 2 accumulated log the same losses and end
-    with the same weights (up to float noise amplified by Adam's first steps)."""
+    with the same weights. Adam's first steps move a weight by ≈ lr·sign(gradient), so float noise in a gradient
+    that is ≈ 0 would move it by ±lr either way; an epsilon of 1e-3 damps those updates and keeps the real ones."""
     common = {
+        "train.adam_epsilon": 1e-3,
         "model.dropout": 0.0,
         "train.max_steps": 3,
         "train.learning_rate": 1e-2,
