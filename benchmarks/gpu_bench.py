@@ -45,7 +45,8 @@ def run(args, batch: int) -> dict:
 
     from hftoolkit.config import TrainConfig
     from hftoolkit.flops import device_peak_flops, flops_per_token
-    from hftoolkit.modeling import create_model, gpt2_tokenizer, set_dropout, speed_up, target_positions
+    from hftoolkit.modeling import create_model, gpt2_tokenizer, set_dropout
+    from hftoolkit.speedups import speed_up, target_positions
     from hftoolkit.train import backward_window, build_optimizer
 
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -203,8 +203,8 @@ def train_hftoolkit(recipe, model, train_ds, tokenizer, epoch: int = 0) -> dict:
 
     from hftoolkit import train
     from hftoolkit.data import build_train_loader, steps_per_epoch
-    from hftoolkit.modeling import packing_keeps_examples_apart, speed_up
     from hftoolkit.run import make_accelerator
+    from hftoolkit.speedups import packing_keeps_examples_apart, speed_up
 
     cfg, data = recipe.train, recipe.data
     acc = make_accelerator(recipe)
@@ -763,7 +763,7 @@ def step_throughput(
     from accelerate import Accelerator
 
     from hftoolkit.config import TrainConfig
-    from hftoolkit.modeling import target_positions
+    from hftoolkit.speedups import target_positions
     from hftoolkit.train import backward_window, build_optimizer
 
     acc = Accelerator(cpu=True)
@@ -836,7 +836,8 @@ def step_throughput(
 
 def bench_flops(settings: dict, tokenizer) -> dict:
     from hftoolkit.flops import flops_per_token
-    from hftoolkit.modeling import create_model, set_dropout, speed_up
+    from hftoolkit.modeling import create_model, set_dropout
+    from hftoolkit.speedups import speed_up
 
     f = settings["flops"]
     batch, seq_len = f["batch"], f["seq_len"]
@@ -860,7 +861,7 @@ def bench_flops(settings: dict, tokenizer) -> dict:
     achieved = base["tokens_per_s"] * flops_token
     rows = batch * seq_len
     out = {
-        "model": "GPT-2 124M shape (12×768, 50257 vocab), fp32, SDPA, dropout 0, hftoolkit.modeling.speed_up; "
+        "model": "GPT-2 124M shape (12×768, 50257 vocab), fp32, SDPA, dropout 0, hftoolkit.speedups.speed_up; "
         "hftoolkit backward_window + clip + AdamW from hftoolkit.train.build_optimizer (fused)",
         "params": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_token,

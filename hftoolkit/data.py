@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hftoolkit.errors import UserError
-from hftoolkit.modeling import target_positions
+from hftoolkit.speedups import target_positions
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from hftoolkit import metrics as metric_lib
 from hftoolkit.data import encode_prompts
 from hftoolkit.generation import Decoding, generate_batch, generation_context, needs_synced_gpus
-from hftoolkit.modeling import TARGET_LABELS, TARGET_POSITIONS, target_labels
+from hftoolkit.speedups import TARGET_LABELS, TARGET_POSITIONS, target_labels
 
 
 def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Model FLOPs per token and MFU (nanoGPT's convention: 6·N + 12·L·H·Q·T per trained token).
 
 The convention counts the LM head (N includes the tied token embeddings) at every token. With the prompt masked,
-hftoolkit runs the head only at target positions (modeling.enable_target_only_head), so for summarization/QA the
+hftoolkit runs the head only at target positions (speedups.enable_target_only_head), so for summarization/QA the
 logged MFU is the utilisation a full-head step would need for the same tokens/s, above what the hardware executes.
 For generation (every position a target) the two agree."""
 

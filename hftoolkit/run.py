@@ -36,10 +36,9 @@ from hftoolkit.generation import Decoding
 from hftoolkit.modeling import (
     context_length,
     load_model_and_tokenizer,
-    packing_keeps_examples_apart,
     save_pretrained,
-    speed_up,
 )
+from hftoolkit.speedups import packing_keeps_examples_apart, speed_up
 from hftoolkit.tasks import get_task
 
 logger = logging.getLogger("hftoolkit")

@@ -1,4 +1,4 @@
-"""Architecture-dependent paths. modeling.speed_up (targets-only LM head, fused GELU): same losses and gradients
+"""Architecture-dependent paths. speedups.speed_up (targets-only LM head, fused GELU): same losses and gradients
 as the stock model on every architecture, packed and padded, with LoRA; `generate` untouched; the head refused
 where it is not plain `head(body(x))`. The packing probe, and checkpoints of other architectures end to end."""
 
@@ -10,7 +10,7 @@ import transformers
 
 from hftoolkit.data import pack_collate, pad_collate
 from hftoolkit.evaluation import token_losses
-from hftoolkit.modeling import enable_target_only_head, packing_keeps_examples_apart, speed_up
+from hftoolkit.speedups import enable_target_only_head, packing_keeps_examples_apart, speed_up
 from tests.conftest import tiny_overrides
 
 QS = "recipes/quickstart"
