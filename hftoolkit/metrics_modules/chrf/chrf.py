@@ -4,9 +4,10 @@ Loaded by `hftoolkit.metrics.load("chrf")` through `evaluate.load(<this folder>)
 `sacrebleu` package's CHRF; this file only adapts inputs and outputs.
 """
 
-import datasets
 import evaluate
 from sacrebleu.metrics import CHRF
+
+from hftoolkit.metrics_modules.shared import reference_streams, text_pair_features
 
 _CITATION = """\
 @inproceedings{popovic-2015-chrf,
@@ -64,17 +65,6 @@ Examples:
 """
 
 
-def reference_streams(references):
-    """Turns per-example reference lists into sacreBLEU's per-position streams.
-
-    Examples with fewer references are padded with None, which sacreBLEU skips for that example (its
-    variable-reference mode; the Hub module raises ValueError on ragged references instead).
-    """
-    references = [[refs] if isinstance(refs, str) else list(refs) for refs in references]
-    n_streams = max((len(refs) for refs in references), default=0)
-    return [[refs[i] if i < len(refs) else None for refs in references] for i in range(n_streams)]
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Chrf(evaluate.Metric):
     def _info(self):
@@ -83,23 +73,7 @@ class Chrf(evaluate.Metric):
             citation=_CITATION,
             homepage="https://github.com/mjpost/sacreBLEU#chrf--chrf",
             inputs_description=_KWARGS_DESCRIPTION,
-            # Two alternative schemas: several references per example, or exactly one.
-            features=[
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Sequence(
-                            datasets.Value("string", id="sequence"), id="references"
-                        ),
-                    }
-                ),
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Value("string", id="sequence"),
-                    }
-                ),
-            ],
+            features=text_pair_features(),
             codebase_urls=["https://github.com/mjpost/sacreBLEU#chrf--chrf"],
             reference_urls=["https://github.com/m-popovic/chrF"],
         )

@@ -6,11 +6,10 @@ and scoring follow the official SQuAD v1.1 evaluation script.
 
 import collections
 import logging
-import re
-import string
 
-import datasets
 import evaluate
+
+from hftoolkit.metrics_modules.shared import normalize_answer, squad_features
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +49,6 @@ Examples:
     {'exact_match': 100.0, 'f1': 100.0}
 """
 
-_PUNCTUATION = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text):
-    """Lower-cases, drops punctuation, then the articles a/an/the, then collapses whitespace (SQuAD v1.1)."""
-    text = text.lower()
-    text = "".join(char for char in text if char not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
 
 def exact_match_score(prediction, gold):
     return normalize_answer(prediction) == normalize_answer(gold)
@@ -85,20 +73,7 @@ class Squad(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": {
-                        "id": datasets.Value("string"),
-                        "prediction_text": datasets.Value("string"),
-                    },
-                    "references": {
-                        "id": datasets.Value("string"),
-                        "answers": datasets.features.Sequence(
-                            {"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}
-                        ),
-                    },
-                }
-            ),
+            features=squad_features(no_answer_probability=False),
             codebase_urls=["https://rajpurkar.github.io/SQuAD-explorer/"],
             reference_urls=["https://rajpurkar.github.io/SQuAD-explorer/"],
         )

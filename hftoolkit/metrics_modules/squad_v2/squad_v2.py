@@ -6,11 +6,10 @@ no-answer threshold and the best-threshold search follow the official SQuAD v2.0
 
 import collections
 import logging
-import re
-import string
 
-import datasets
 import evaluate
+
+from hftoolkit.metrics_modules.shared import normalize_answer, squad_features
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +56,6 @@ Examples:
     >>> result["exact"], result["NoAns_total"]
     (100.0, 1)
 """
-
-_PUNCTUATION = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-
-
-def normalize_answer(text):
-    """Lower-cases, drops punctuation, then the articles a/an/the, then collapses whitespace (SQuAD)."""
-    text = text.lower()
-    text = "".join(char for char in text if char not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
 
 
 def exact_score(gold, prediction):
@@ -150,21 +138,7 @@ class SquadV2(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": {
-                        "id": datasets.Value("string"),
-                        "prediction_text": datasets.Value("string"),
-                        "no_answer_probability": datasets.Value("float32"),
-                    },
-                    "references": {
-                        "id": datasets.Value("string"),
-                        "answers": datasets.features.Sequence(
-                            {"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}
-                        ),
-                    },
-                }
-            ),
+            features=squad_features(no_answer_probability=True),
             codebase_urls=["https://rajpurkar.github.io/SQuAD-explorer/"],
             reference_urls=["https://rajpurkar.github.io/SQuAD-explorer/"],
         )

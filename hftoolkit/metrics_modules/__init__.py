@@ -1,0 +1,1 @@
+"""Offline `evaluate` modules, one folder each, loaded by `hftoolkit.metrics.load` through `evaluate.load(<folder>)`."""
