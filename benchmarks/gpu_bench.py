@@ -76,7 +76,7 @@ def run(args, batch: int) -> dict:
     data = {k: v.to(acc.device) for k, v in data.items()}
 
     def step():
-        loss = backward_window(acc, model, [data])
+        loss = backward_window(acc, model, [data], targets_only=True)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -211,7 +211,7 @@ def train_hftoolkit(recipe, model, train_ds, tokenizer, epoch: int = 0) -> dict:
     # What prepare_run does to the model (the Trainer side gets the plain model): packing verified to keep
     # examples apart, then speed_up (no per-forward pad check, fused GELU, LM head only at target positions).
     assert packing_keeps_examples_apart(model)
-    speed_up(model)
+    targets_only = speed_up(model)
     loader = build_train_loader(
         train_ds, cfg.per_device_train_batch_size, recipe.seed, True, tokenizer.pad_token_id, data.max_seq_len
     )
@@ -227,7 +227,7 @@ def train_hftoolkit(recipe, model, train_ds, tokenizer, epoch: int = 0) -> dict:
     losses, computed, real = [], 0, 0
     clock = Clock()
     for batch in loader:
-        losses.append(train.backward_window(acc, model, [batch]).detach())
+        losses.append(train.backward_window(acc, model, [batch], targets_only).detach())
         acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -777,7 +777,7 @@ def step_throughput(
 
     def forward_backward():
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            backward_window(acc, model, [data])
+            backward_window(acc, model, [data], targets_only=True)
 
     def step() -> dict:
         t0 = time.perf_counter()

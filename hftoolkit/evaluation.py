@@ -19,23 +19,21 @@ from hftoolkit.generation import Decoding, generate_batch, generation_context, n
 from hftoolkit.speedups import TARGET_LABELS, TARGET_POSITIONS, target_labels
 
 
-def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: dict, targets_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed cross-entropy over target tokens, and per-row target-token counts.
 
     `use_cache=False` matters: with packed rows (position_ids, no attention_mask) it is what makes transformers
     build the block-causal mask; GPT-2 would otherwise create a cache and let examples attend to each other.
-    On a model prepared with `enable_target_only_head`, the LM head runs only where there is a target.
+    `targets_only`: the model (under any wrapper) went through `enable_target_only_head`, so the LM head runs only
+    where there is a target. Decided once by the caller: finding it out here would walk the model every step.
     """
-    from accelerate.utils import extract_model_from_parallel
-
     labels = batch["labels"]
     inputs = {
         "input_ids": batch["input_ids"],
         "attention_mask": batch.get("attention_mask"),
         "position_ids": batch.get("position_ids"),
     }
-    inner = extract_model_from_parallel(model)
-    if getattr(inner, "hftoolkit_target_only_head", False):
+    if targets_only:
         return model(**inputs, **{TARGET_LABELS: labels, TARGET_POSITIONS: batch.get("target_positions")})
     logits = model(**inputs, use_cache=False).logits
     # Shift the labels, not the logits: slicing logits[:, :-1] would copy the (batch × length × vocab) tensor,
@@ -51,12 +49,12 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, loader) -> dict:
+def evaluate_loss(accelerator, model, loader, targets_only: bool = False) -> dict:
     """Token-weighted mean NLL over all target tokens of the eval set; perplexity = exp(eval_loss)."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
-        loss_sum, n = token_losses(model, batch)
+        loss_sum, n = token_losses(model, batch, targets_only)
         gathered = accelerator.gather_for_metrics(torch.stack([loss_sum.double(), n.double()], dim=1))
         total += gathered[:, 0].sum().item()
         count += gathered[:, 1].sum().item()

@@ -97,6 +97,7 @@ class Run:
     batches_per_epoch: int = 0
     resume_from: Path | None = None
     eval_dataset_info: dict = field(default_factory=dict)
+    targets_only: bool = False  # speed_up enabled the targets-only LM head (see token_losses)
 
     @property
     def out(self) -> Path:
@@ -105,7 +106,11 @@ class Run:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int, final: bool, subset: bool) -> dict:
         acc = self.accelerator
-        scores = evaluate_loss(acc, self.model, self.eval_loader) if self.eval_loader is not None else {}
+        scores = (
+            evaluate_loss(acc, self.model, self.eval_loader, self.targets_only)
+            if self.eval_loader is not None
+            else {}
+        )
         if self.task.generates:
             loader = self.gen_loaders["subset" if subset and "subset" in self.gen_loaders else "full"]
             preds = generate_predictions(
@@ -377,7 +382,7 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
             f"data.packing: {type(model).__name__} lets packed examples attend to each other (its attention mask "
             "ignores position ids), so this run pads batches instead; set data.packing=false to silence this"
         )
-    speed_up(model)
+    targets_only = speed_up(model)
     if acc.device.type == "cuda":
         import torch
 
@@ -396,7 +401,13 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         # dynamic=True: packed and padded batches change shape from step to step.
         model = torch.compile(model, dynamic=True)
     run = Run(
-        recipe=recipe, accelerator=acc, task=task, model=model, tokenizer=tokenizer, resume_from=resume_from
+        recipe=recipe,
+        accelerator=acc,
+        task=task,
+        model=model,
+        tokenizer=tokenizer,
+        resume_from=resume_from,
+        targets_only=targets_only,
     )
     eval_raw = splits["validation"]
     run.eval_dataset_info = {

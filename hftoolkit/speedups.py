@@ -2,7 +2,7 @@
 that decides whether packing is safe for an architecture. None changes what the model computes beyond float
 rounding; tests/test_architectures.py checks each against the stock model.
 
-Usage: speed_up(model) after loading; token_losses(model, batch) then takes the targets-only path.
+Usage: targets_only = speed_up(model) after loading; token_losses(model, batch, targets_only).
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ def enable_target_only_head(model) -> bool:
         lambda self, *args, **kwargs: _target_only_forward(self, *args, **kwargs)
     )
     hf.forward = types.MethodType(forward, hf)
-    hf.hftoolkit_target_only_head = True
     return True
 
 
@@ -133,12 +132,13 @@ def fuse_gelu(model) -> int:
     return swapped
 
 
-def speed_up(model) -> None:
+def speed_up(model) -> bool:
     """The in-place speed-ups every run applies to its model before accelerate wraps it; none changes what the
-    model computes beyond float rounding (each is tested against the stock model)."""
+    model computes beyond float rounding (each is tested against the stock model). Returns whether the
+    targets-only LM head is on (the `targets_only` of token_losses / backward_window)."""
     skip_padding_check(model)
     fuse_gelu(model)
-    enable_target_only_head(model)
+    return enable_target_only_head(model)
 
 
 def skip_padding_check(model) -> None:

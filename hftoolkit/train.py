@@ -87,7 +87,7 @@ def build_optimizer(model, cfg, device):
     )
 
 
-def backward_window(acc, model, window: list[dict]) -> torch.Tensor:
+def backward_window(acc, model, window: list[dict], targets_only: bool = False) -> torch.Tensor:
     """Forward + backward over one optimizer step's micro-batches; returns the window's mean token loss.
 
     The loss is normalised by the target tokens of the WHOLE window on ALL processes, so the gradient equals
@@ -99,7 +99,7 @@ def backward_window(acc, model, window: list[dict]) -> torch.Tensor:
     for i, batch in enumerate(window):
         # No gradient all-reduce until the window's last micro-batch.
         with contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(model):
-            loss_sum, _ = token_losses(model, batch)
+            loss_sum, _ = token_losses(model, batch, targets_only)
             # backward() divides by gradient_accumulation_steps and DDP averages over processes: undo both,
             # so the gradient is d(sum of token losses)/n_targets.
             acc.backward(loss_sum.sum() * (acc.gradient_accumulation_steps * acc.num_processes) / n_targets)
@@ -176,7 +176,7 @@ def train(recipe: Recipe) -> dict:
                 window = list(itertools.islice(batches, accum))
                 if not window:
                     break
-                window_loss += backward_window(acc, model, window)
+                window_loss += backward_window(acc, model, window, run.targets_only)
                 for batch in window:
                     tokens_seen[0] += batch["num_tokens"]
                     tokens_seen[1] += (batch["labels"][:, 1:] != -100).sum()

@@ -52,9 +52,9 @@ def _features(seed: int = 0):
     return feats
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, batch, targets_only=False):
     model.zero_grad()
-    per_row, counts = token_losses(model, batch)
+    per_row, counts = token_losses(model, batch, targets_only)
     (per_row.sum() / counts.sum()).backward()
     return (
         per_row.detach(),
@@ -70,15 +70,14 @@ def test_speed_up_equals_the_stock_model(arch, layout):
 
     full = _tiny(arch)
     fast = copy.deepcopy(full)
-    speed_up(fast)
-    assert fast.hftoolkit_target_only_head
+    assert speed_up(fast)  # the targets-only head is on
     assert not any(isinstance(m, NewGELUActivation) for m in fast.modules())  # GPT-2/GPT-Neo: fused GELU
     feats = _features()
     batch = pad_collate(feats, 0) if layout == "padded" else pack_collate(feats, 0, 24)
     if layout == "packed":
         assert batch["input_ids"].shape[0] < len(feats)
     loss_full, n_full, g_full = _loss_and_grads(full, batch)
-    loss_fast, n_fast, g_fast = _loss_and_grads(fast, batch)
+    loss_fast, n_fast, g_fast = _loss_and_grads(fast, batch, targets_only=True)
     assert torch.equal(n_full, n_fast)
     assert n_fast.sum() < batch["input_ids"].numel() / 2  # the head really ran on few positions
     torch.testing.assert_close(loss_fast, loss_full, atol=1e-5, rtol=1e-5)
@@ -88,7 +87,7 @@ def test_speed_up_equals_the_stock_model(arch, layout):
     # The collators hand over the target positions (no device→host sync to find them); without them the forward
     # finds them itself, with the same result.
     batch.pop("target_positions")
-    loss_found, _, _ = _loss_and_grads(fast, batch)
+    loss_found, _, _ = _loss_and_grads(fast, batch, targets_only=True)
     torch.testing.assert_close(loss_found, loss_fast)
 
 
@@ -121,7 +120,7 @@ def test_targets_only_head_with_lora():
     assert enable_target_only_head(fast)
     batch = pack_collate(_features(1), 0, 24)
     loss_full, _, g_full = _loss_and_grads(full, batch)
-    loss_fast, _, g_fast = _loss_and_grads(fast, batch)
+    loss_fast, _, g_fast = _loss_and_grads(fast, batch, targets_only=True)
     torch.testing.assert_close(loss_fast, loss_full, atol=1e-5, rtol=1e-5)
     assert g_full.keys() == g_fast.keys() and any("lora_B" in k for k in g_fast)
     for k in g_full:

@@ -191,8 +191,8 @@ def test_nan_loss_stops_with_step(tmp_path, cli, monkeypatch):
 
     real = train_mod.backward_window
 
-    def poisoned(acc, model, window):
-        real(acc, model, window)
+    def poisoned(acc, model, window, targets_only):
+        real(acc, model, window, targets_only)
         return torch.tensor(float("nan"))
 
     monkeypatch.setattr(train_mod, "backward_window", poisoned)
