@@ -58,9 +58,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of name_or_path."""
     trust_remote_code: bool = False
     """Run code shipped with a Hub checkpoint. Off unless you trust the repo."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa | eager | flash_attention_2 (if installed). sdpa falls back to eager for
-    architectures without it (GPT-Neo)."""
+    attn_implementation: str | None = None
+    """Attention kernel: sdpa | eager | flash_attention_2 (if installed); null lets transformers pick SDPA where the
+    architecture has it and eager where it does not (GPT-Neo)."""
     dropout: float | None = None
     """Set every dropout probability of the model (GPT-2: resid/embd/attn_pdrop); null keeps the checkpoint's."""
     gradient_checkpointing: bool = False

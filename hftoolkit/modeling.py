@@ -231,24 +231,14 @@ def load_model_and_tokenizer(model_cfg, train_texts: Iterable[str] | None = None
         from transformers import AutoModelForCausalLM
 
         tokenizer = load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
-        kwargs = {
-            "revision": model_cfg.revision,
-            "trust_remote_code": model_cfg.trust_remote_code,
-            "dtype": "float32",  # master weights in fp32; accelerate autocasts for bf16/fp16
-        }
         try:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_cfg.name_or_path, attn_implementation=model_cfg.attn_implementation, **kwargs
-                )
-            except ValueError as e:
-                # "sdpa" (the default) means SDPA where the architecture has it: GPT-Neo, for one, does not.
-                if model_cfg.attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
-                    raise
-                logger.warning("%s has no SDPA attention: using eager attention", model_cfg.name_or_path)
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_cfg.name_or_path, attn_implementation="eager", **kwargs
-                )
+            model = AutoModelForCausalLM.from_pretrained(
+                model_cfg.name_or_path,
+                revision=model_cfg.revision,
+                trust_remote_code=model_cfg.trust_remote_code,
+                attn_implementation=model_cfg.attn_implementation,
+                dtype="float32",  # master weights in fp32; accelerate autocasts for bf16/fp16
+            )
         except (OSError, ValueError) as e:
             raise UserError(
                 f"model.name_or_path: cannot load '{model_cfg.name_or_path}' ({_first_line(e)})"

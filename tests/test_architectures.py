@@ -152,7 +152,7 @@ def test_packing_probe(arch, isolated):
 @pytest.mark.parametrize("arch", ["opt", "gpt_neo"])
 def test_other_architectures_train_from_a_checkpoint(arch, tmp_path, cli, gpt2_tokenizer):
     """OPT: its packed examples would attend to each other, so the run pads instead and says so. GPT-Neo: no SDPA
-    in transformers 5.x, so the default attn_implementation (sdpa) falls back to eager instead of failing."""
+    in transformers 5.x, so a default that demanded SDPA would fail every GPT-Neo run."""
     ckpt = tmp_path / arch
     _tiny(arch, vocab_size=len(gpt2_tokenizer)).save_pretrained(ckpt)
     gpt2_tokenizer.save_pretrained(ckpt)
