@@ -430,12 +430,11 @@ def pack_collate(features: list[dict], pad_id: int, row_len: int) -> dict:
             at += n
         # Trailing padding forms its own segment starting at 0 (never merged with the last example).
         pos[r, at:] = torch.arange(width - at)
-    num_tokens = torch.tensor(sum(len(f["input_ids"]) for f in features))
     return {
         "input_ids": ids,
         "labels": labels,
         "position_ids": pos,
-        "num_tokens": num_tokens,
+        "num_tokens": torch.tensor(sum(lengths)),
         "target_positions": target_positions(labels),
     }
 

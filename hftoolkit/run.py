@@ -33,11 +33,7 @@ from hftoolkit.evaluation import (
     per_example_scores,
 )
 from hftoolkit.generation import Decoding
-from hftoolkit.modeling import (
-    context_length,
-    load_model_and_tokenizer,
-    save_pretrained,
-)
+from hftoolkit.modeling import context_length, load_model_and_tokenizer, save_pretrained
 from hftoolkit.speedups import packing_keeps_examples_apart, speed_up
 from hftoolkit.tasks import get_task
 
