@@ -40,7 +40,15 @@ from huggingface_hub.utils import get_token, set_client_factory, validate_repo_i
 
 from hftoolkit import __version__
 from hftoolkit.errors import UserError
-from hftoolkit.report import LOSS_LIKE, fmt, is_number, read_run, results_table, throughput_summary
+from hftoolkit.report import (
+    LOSS_LIKE,
+    fmt,
+    is_number,
+    read_json_object,
+    read_run,
+    results_table,
+    throughput_summary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +89,8 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     data_cfg = cfg.get("data") or {}
     hub_cfg = cfg.get("hub") or {}
     model_dir = run.path / "model"
-    model_config = _read_json(model_dir / "config.json")
-    generation = _read_json(model_dir / "hftoolkit.json")
+    model_config = read_json_object(model_dir / "config.json", "fix it or re-save the model")
+    generation = read_json_object(model_dir / "hftoolkit.json", "fix it or re-save the model")
     task = str(generation.get("task") or run.task)
     task_type, task_pretty = TASK_TYPES.get(task, ("text-generation", task))
     model_name = repo_id.split("/")[-1] if repo_id else run.path.name
@@ -392,22 +400,6 @@ def _human_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return str(n)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(
-            f"{path} is not valid JSON ({err.msg}, line {err.lineno}): fix it or re-save the model"
-        ) from None
-    return loaded if isinstance(loaded, dict) else {}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Staging
 
 
 def stage_upload(

@@ -78,6 +78,18 @@ class Run:
         return None
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON file's top-level object ({} if the file is missing or holds something else); invalid JSON is a
+    UserError that names the file, the position and `fix`."""
+    if not path.is_file():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}): {fix}") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def read_run(run_dir: str | os.PathLike, *, require_results: bool = False) -> Run:
     """Load config.yaml, results.json, metrics.jsonl and predictions.jsonl, whichever exist."""
     path = Path(run_dir)
@@ -94,16 +106,9 @@ def read_run(run_dir: str | os.PathLike, *, require_results: bool = False) -> Ru
             ) from None
         run.config = loaded if isinstance(loaded, dict) else {}
     results_file = path / "results.json"
-    if results_file.is_file():
-        try:
-            loaded = json.loads(results_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{results_file} is not valid JSON ({err.msg}, line {err.lineno}): re-run the evaluation"
-            ) from None
-        run.results = loaded if isinstance(loaded, dict) else {}
-    elif require_results:
+    if require_results and not results_file.is_file():
         raise UserError(f"{results_file} is missing: {path} is not a finished run (train or eval it first)")
+    run.results = read_json_object(results_file, "re-run the evaluation")
     for line in _read_jsonl(path / "metrics.jsonl"):
         (run.evals if line.get("kind") == "eval" else run.train).append(line)
     run.predictions = _read_jsonl(path / "predictions.jsonl")
