@@ -62,7 +62,7 @@ SETTINGS = {
         "eval_prompts": 64,
         "eval_batch_size": 16,
         "eval_repeats": 3,
-        "flops": {"batch": 4, "seq_len": 256, "steps": 3, "levers": True},
+        "flops": {"batch": 4, "seq_len": 256, "steps": 5, "levers": True},
     },
     "full": {
         "preset": "small",
