@@ -1,8 +1,12 @@
-"""Atomic writes, resumable checkpoints and their fingerprints.
+"""Resumable checkpoints: what a checkpoint holds, how it is saved, checked and restored.
 
 A checkpoint is a folder `OUTPUT_DIR/checkpoints/step-000120/` written by `accelerator.save_state` into a
 temporary sibling, fsynced, then renamed: a crash or `kill -9` mid-save leaves only a `.tmp-*` folder that is
 ignored (and cleaned up next time), never a half-written checkpoint that `latest` would pick up.
+
+Besides accelerate's files (weights, optimizer, scheduler, every process's RNG state), it holds TRAINER_STATE:
+the loop's `Progress`, the training data's fingerprint, the training-relevant config and the process count.
+`check_resume_compatible` compares them with the run about to resume and refuses, naming what changed.
 """
 
 from __future__ import annotations
@@ -13,81 +17,49 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from hftoolkit.atomic import atomic_write_json, fsync_dir, fsync_tree
+from hftoolkit.config import flatten, to_dict
 from hftoolkit.errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "hftoolkit_state.json"
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# Keys that may change between a checkpoint and its resume without changing what is trained.
+RESUME_FREE_KEYS = {
+    "output_dir", "report_to", "train.resume_from_checkpoint", "train.logging_steps", "train.eval_steps",
+    "train.save_steps", "train.save_total_limit", "train.overwrite_output_dir", "hub", "eval",
+}  # fmt: skip
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+@dataclass
+class Progress:
+    """Loop state that a checkpoint restores (besides what accelerator.save_state holds)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch (per process)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def training_config(recipe) -> dict:
+    """The flattened recipe minus RESUME_FREE_KEYS: what must not change across a resume."""
+    flat = flatten(to_dict(recipe))
+    return {
+        k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)
+    }
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A temp folder beside its final place (same filesystem, so the rename is atomic), usual permissions."""
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(path, 0o777 & ~_umask())
-    return path
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def fingerprint(obj) -> str:
-    """Stable short hash of a JSON-able object (config sections, data identity)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def data_fingerprint(dataset) -> str:
+    """sha256 over the Arrow buffers of the token ids: identifies the training data, cheap even for large sets."""
+    h = hashlib.sha256()
+    for chunk in dataset.data.column("input_ids").chunks:
+        for buf in chunk.buffers():
+            if buf is not None:
+                h.update(memoryview(buf))
+    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -136,6 +108,57 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
 
 
+def save(run, progress: Progress) -> Path:
+    """Checkpoint `run` (a run.Run) at `progress`: accelerate's state plus TRAINER_STATE."""
+    state = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "batches_in_epoch": progress.batches_in_epoch,
+        "data_fingerprint": run.data_fingerprint,
+        "training_config": training_config(run.recipe),
+        "num_processes": run.accelerator.num_processes,
+        "config": to_dict(run.recipe),
+    }
+    path = save_checkpoint(
+        run.accelerator, run.out / "checkpoints", progress.step, state, run.recipe.train.save_total_limit
+    )
+    run.accelerator.print(f"checkpoint saved: {path}")
+    return path
+
+
+def restore(accelerator, path: Path) -> Progress:
+    """Load weights, optimizer, scheduler and every process's RNG state; return the loop's position."""
+    accelerator.load_state(str(path))
+    state = read_state(path)
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return Progress(state["step"], state["epoch"], state["batches_in_epoch"])
+
+
+def check_resume_compatible(run, path: Path) -> None:
+    """Refuse to resume when the data or the training-relevant config changed, naming what changed."""
+    state = read_state(path)
+    # Keys the current schema no longer has cannot change what is trained (a removed option).
+    old, new = state.get("training_config", {}), training_config(run.recipe)
+    changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+    if changed:
+        raise UserError(
+            f"train.resume_from_checkpoint: {path} was trained with a different config ({'; '.join(changed[:3])}"
+            f"{'; …' if len(changed) > 3 else ''}); restore those values or start a new output_dir"
+        )
+    if state.get("data_fingerprint") != run.data_fingerprint:
+        raise UserError(
+            f"train.resume_from_checkpoint: the training data changed since {path} was saved "
+            f"(fingerprint {state.get('data_fingerprint')} → {run.data_fingerprint}); resume with the same data or start a new output_dir"
+        )
+    # The data position (batches_in_epoch), the LR schedule's units, RNG files and sharded states are per process.
+    saved, now = state.get("num_processes", 1), run.accelerator.num_processes
+    if saved != now:
+        raise UserError(
+            f"train.resume_from_checkpoint: {path} was saved by {saved} process(es), this run has {now}; "
+            f"resume with accelerate launch --num_processes {saved}"
+        )
+
+
 def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, state: dict, keep: int | None) -> Path:
     """save_state into a temp folder on every process, then the main process fsyncs and renames it.
 
@@ -168,7 +191,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, state: dict, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
         if keep is not None:
             for old in list_checkpoints(checkpoints_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

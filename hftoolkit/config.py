@@ -21,8 +21,6 @@ import yaml
 
 from hftoolkit.errors import UserError
 
-TASKS = ("generation", "summarization", "translation", "qa")
-
 
 @dataclass
 class InitConfig:
@@ -169,8 +167,6 @@ class TrainConfig:
     """latest | PATH to a checkpoint folder."""
     overwrite_output_dir: bool = False
     """Allow training into an output_dir that already holds a different run."""
-    seed_data_order: bool = True
-    """Shuffle the training set each epoch with a seed derived from `seed` (resumable)."""
 
 
 @dataclass
@@ -215,8 +211,8 @@ class HubConfig:
 
 @dataclass
 class Recipe:
-    task: Literal["generation", "summarization", "translation", "qa"] = "generation"
-    """generation | summarization | translation | qa"""
+    task: str = "generation"
+    """A registered task: generation | summarization | translation | qa (hftoolkit.tasks.TASKS)."""
     seed: int = 42
     """Seeds python, numpy and torch on every process."""
     output_dir: str = "runs/example"
@@ -413,12 +409,18 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 def validate(r: Recipe) -> None:
     """Cross-field and range checks, all in one place. Each failure names the key and the fix."""
+    from hftoolkit.tasks import TASKS
+
     t, d, e = r.train, r.data, r.eval
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
 
+    need(
+        r.task in TASKS,
+        f"task: expected one of {' | '.join(repr(name) for name in TASKS)}, got {r.task!r}",
+    )
     need(
         0 < t.learning_rate < 1,
         f"train.learning_rate: {t.learning_rate} is out of range (0, 1); typical: 1e-5 to 1e-3",
@@ -456,11 +458,7 @@ def validate(r: Recipe) -> None:
         sum(sources) == 1,
         "data: set exactly one of data.dataset_name, data.train_file/validation_file, data.synthetic",
     )
-    if r.task == "translation" and d.synthetic is None:
-        need(
-            bool(d.source_lang and d.target_lang),
-            "data.source_lang/data.target_lang: required for translation (e.g. en, de)",
-        )
+    TASKS[r.task].check_config(d)
     need(
         not (r.hub.push and not r.hub.repo_id),
         "hub.repo_id: required when hub.push is true (e.g. your-name/my-model)",
@@ -480,13 +478,25 @@ def to_dict(r: Recipe) -> dict:
     return dataclasses.asdict(r)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"max_steps": 5}} → {"train.max_steps": 5} (the override channel's key names)."""
+    out = {}
+    for k, v in d.items():
+        key = prefix + k
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def to_yaml(r: Recipe) -> str:
     return yaml.safe_dump(to_dict(r), sort_keys=False, allow_unicode=True)
 
 
 def save_recipe(r: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe atomically (the run directory's config.yaml)."""
-    from hftoolkit.checkpoint import atomic_write_text
+    from hftoolkit.atomic import atomic_write_text
 
     atomic_write_text(Path(path), to_yaml(r))
 

@@ -275,17 +275,18 @@ def tokenize_split(task, tokenizer, ds, data_cfg, max_len: int, packing: bool):
     Per-example truncation flags are columns (they survive the cache), summed into Stats afterwards.
     """
     template = task.template(data_cfg)
+    documents = task.tokenization == "documents"
 
     def encode(batch: dict) -> dict:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        if task.generates:
-            examples = encode_supervised(task, template, tokenizer, rows, data_cfg, max_len)
-        else:
+        if documents:
             examples = encode_documents(task, tokenizer, rows, data_cfg, max_len, packing)
+        else:
+            examples = encode_supervised(task, template, tokenizer, rows, data_cfg, max_len)
         keys = [
             "input_ids",
             "labels",
-            *(["position_ids"] if (not task.generates and packing) else []),
+            *(["position_ids"] if (documents and packing) else []),
             *STAT_COLUMNS,
         ]
         return {k: [e[k] for e in examples] for k in keys}
@@ -400,7 +401,7 @@ def pack_collate(features: list[dict], pad_id: int, row_len: int) -> dict:
     Position ids restart at 0 for each example and no attention_mask is passed: transformers 5.x then builds a
     block-causal mask from the position ids, so examples in a row cannot attend to each other — PROVIDED the
     forward runs with use_cache=False (GPT-2 otherwise creates a cache and silently skips that mask; see
-    STACK_NOTES). We write this rather than use DataCollatorWithFlattening because flattening a whole batch
+    hftoolkit.evaluation.token_losses). We write this rather than use DataCollatorWithFlattening because flattening a whole batch
     into one row makes SDPA's masked attention cost grow with the square of the batch's total tokens.
     """
     lengths = [len(f["input_ids"]) for f in features]

@@ -149,7 +149,6 @@ def generate_predictions(
     from accelerate.utils import gather_object
 
     model.eval()
-    tokenizer.padding_side = "left"
     results = []
     synced = needs_synced_gpus(accelerator)
     with generation_context(accelerator, model) as gen_model:
@@ -167,17 +166,8 @@ def generate_predictions(
                 for i, t, s in zip(indices, texts, stopped, strict=True)
             ]
             results.extend(gather_object(local) if accelerator.num_processes > 1 else local)
-    tokenizer.padding_side = "right"
     model.train()
     return sorted({r["index"]: r for r in results}.values(), key=lambda r: r["index"])
-
-
-def _squad_inputs(predictions, references):
-    preds = [{"id": str(i), "prediction_text": p} for i, p in enumerate(predictions)]
-    refs = [
-        {"id": str(i), "answers": {"text": r, "answer_start": [0] * len(r)}} for i, r in enumerate(references)
-    ]
-    return preds, refs
 
 
 def compute_scores(names, predictions: list[str], references: list[list[str]]) -> tuple[dict, dict]:
@@ -199,7 +189,7 @@ def compute_scores(names, predictions: list[str], references: list[list[str]]) -
             scores["bleu" if name == "sacrebleu" else "chrf"] = float(out["score"])
         elif name in ("squad", "squad_v2"):
             kwargs = {}
-            preds, refs = _squad_inputs(predictions, references)
+            preds, refs = metric_lib.squad_inputs(predictions, references)
             if name == "squad_v2":
                 for p in preds:
                     p["no_answer_probability"] = 0.0
@@ -218,28 +208,3 @@ def compute_scores(names, predictions: list[str], references: list[list[str]]) -
             )
         config[name] = metric_lib.describe(module, **kwargs)
     return scores, config
-
-
-def per_example_scores(
-    headline: str, predictions: list[str], references: list[list[str]]
-) -> list[float | None]:
-    """A 0–100 score per example for predictions.jsonl (best/worst listings), using the headline metric."""
-    if headline.startswith("rouge"):
-        out = metric_lib.load("rouge").compute(
-            predictions=predictions, references=references, use_stemmer=True, use_aggregator=False
-        )
-        return [100.0 * float(v) for v in out[headline]]
-    if headline == "bleu":
-        import sacrebleu
-
-        return [
-            float(sacrebleu.sentence_chrf(p, r).score) for p, r in zip(predictions, references, strict=True)
-        ]
-    if headline in ("exact_match", "f1"):
-        module = metric_lib.load("squad")
-        scores = []
-        for p, r in zip(predictions, references, strict=True):
-            preds, refs = _squad_inputs([p], [r])
-            scores.append(float(module.compute(predictions=preds, references=refs)["f1"]))
-        return scores
-    return [None] * len(predictions)

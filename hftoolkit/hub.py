@@ -7,7 +7,7 @@ beside the run, or RUN_DIR/hub_dry_run/ with --dry-run), so a dry run shows byte
 a failed push never touches the run directory:
 
     config.json, model.safetensors, tokenizer files, generation_config.json, hftoolkit.json   (RUN_DIR/model/*)
-    README.md                                  the model card (build_model_card)
+    README.md                                  the model card (hftoolkit.card.build_model_card)
     hftoolkit/config.yaml, results.json        the resolved recipe and the scores
     hftoolkit/predictions_sample.jsonl         the first 50 evaluation predictions
     hftoolkit/plots/*.png, hftoolkit/report.md when report.py wrote them
@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import mmap
 import os
-import re
 import shutil
-import string
-import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,36 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx2  # huggingface_hub 2.x is built on httpx2 (not requests, not httpx): its transport errors
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import get_token, set_client_factory, validate_repo_id
 
 from hftoolkit import __version__
+from hftoolkit.card import build_model_card
 from hftoolkit.errors import UserError
-from hftoolkit.report import (
-    LOSS_LIKE,
-    fmt,
-    is_number,
-    read_json_object,
-    read_run,
-    results_table,
-    throughput_summary,
-)
 
 logger = logging.getLogger(__name__)
 
 DRY_RUN_DIR = "hub_dry_run"
 PREDICTIONS_SAMPLE_LINES = 50
-CARD_SAMPLE_PREDICTIONS = 3
-DEFAULT_LICENSE = "apache-2.0"
-
-# Our task name -> (model-index task type, pretty name).
-TASK_TYPES = {
-    "generation": ("text-generation", "Text Generation"),
-    "summarization": ("summarization", "Summarization"),
-    "translation": ("translation", "Translation"),
-    "qa": ("question-answering", "Question Answering"),
-}
 
 # Retried: the network and the server's bad moments. Not retried: 4xx, which no amount of waiting fixes.
 _TRANSIENT_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
@@ -72,334 +50,6 @@ _AUTH_STATUS = {401, 403, 404}
 
 # Tokens shorter than this are not searched for in files: a short string would match innocent bytes.
 _MIN_SECRET_LEN = 8
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model card
-
-
-def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
-    """The README.md of the pushed repo: metadata (with model-index = final scores) and a body.
-
-    `repo_id` goes into the usage snippet; without it the snippet says REPO_ID.
-    """
-    run = read_run(run_dir)
-    cfg = run.config
-    model_cfg = cfg.get("model") or {}
-    data_cfg = cfg.get("data") or {}
-    hub_cfg = cfg.get("hub") or {}
-    model_dir = run.path / "model"
-    model_config = read_json_object(model_dir / "config.json", "fix it or re-save the model")
-    generation = read_json_object(model_dir / "hftoolkit.json", "fix it or re-save the model")
-    task = str(generation.get("task") or run.task)
-    task_type, task_pretty = TASK_TYPES.get(task, ("text-generation", task))
-    model_name = repo_id.split("/")[-1] if repo_id else run.path.name
-    final = {k: v for k, v in run.final().items() if is_number(v)}
-    dataset = _eval_dataset(run.results or {}, data_cfg)
-
-    eval_results = [
-        EvalResult(
-            task_type=task_type,
-            task_name=task_pretty,
-            dataset_type=dataset["name"],
-            dataset_name=dataset["name"] + (f" ({dataset['config']})" if dataset.get("config") else ""),
-            dataset_config=dataset.get("config"),
-            dataset_split=dataset.get("split"),
-            metric_type=name,
-            metric_name=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in final.items()
-    ]
-    base_model = _hub_id(model_cfg.get("name_or_path")) if not model_cfg.get("init") else None
-    dataset_id = _hub_id(data_cfg.get("dataset_name"))
-    tags = ["hftoolkit", task, str(model_config.get("model_type") or "gpt2"), "text-generation"]
-    card_data = ModelCardData(
-        base_model=base_model,
-        datasets=[dataset_id] if dataset_id else None,
-        license=str(hub_cfg.get("license") or DEFAULT_LICENSE),
-        language=_languages(task, {**(generation.get("data") or {}), **data_cfg}),
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=tags,
-        model_name=model_name,
-        eval_results=eval_results or None,
-    )
-    body = _card_body(run, model_name, repo_id, base_model, generation, model_config, dataset)
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
-
-
-def _card_body(run, model_name, repo_id, base_model, generation, model_config, dataset) -> str:
-    cfg = run.config
-    model_cfg = cfg.get("model") or {}
-    data_cfg = cfg.get("data") or {}
-    task = str(generation.get("task") or run.task)
-    n_params = _count_parameters(run.path / "model")
-    context = model_config.get("n_positions") or model_config.get("max_position_embeddings")
-    arch = ", ".join(
-        f"{model_config[k]} {label}"
-        for k, label in (
-            ("n_layer", "layers"),
-            ("n_embd", "wide"),
-            ("n_head", "heads"),
-            ("vocab_size", "tokens vocab"),
-        )
-        if k in model_config
-    )
-    if base_model:
-        origin = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})"
-    elif model_cfg.get("init"):
-        origin = f"trained from scratch (`model.init: {json.dumps(model_cfg['init'])}`)"
-    else:
-        origin = f"fine-tuned from `{model_cfg.get('name_or_path') or 'a local checkpoint'}`"
-    size = f"{_human_count(n_params)}-parameter " if n_params else ""
-    lines = [
-        f"# {model_name}",
-        "",
-        f"A {size}GPT-2-architecture decoder-only model ({arch or 'see config.json'}), {origin}, for **{task}** "
-        f"on {_data_description(data_cfg)}. Trained and evaluated with "
-        "hftoolkit (`hftoolkit train`); the resolved recipe is in `hftoolkit/config.yaml`.",
-        "",
-    ]
-
-    # Results: both baseline and fine-tuned here; model-index (metadata) carries the fine-tuned scores only.
-    if run.results:
-        lines += ["## Evaluation", ""]
-        lines += results_table(run.baseline(), run.final())
-        lines += [
-            "",
-            f"On `{dataset['name']}`"
-            + (f" ({dataset['config']})" if dataset.get("config") else "")
-            + (f", split `{dataset['split']}`" if dataset.get("split") else "")
-            + (f", {dataset['num_examples']} examples" if dataset.get("num_examples") else "")
-            + ". Scores are on a 0-100 scale"
-            + (
-                f"; {' and '.join(LOSS_LIKE)} are lower-is-better."
-                if any(k in LOSS_LIKE for k in run.final())
-                else "."
-            )
-            + (" *baseline* is the model before fine-tuning, scored the same way." if run.baseline() else ""),
-            "",
-        ]
-
-    template = generation.get("prompt_template")
-    stops = list(generation.get("stop_strings") or [])
-    max_new_tokens = generation.get("max_new_tokens") or (cfg.get("eval") or {}).get("max_new_tokens") or 64
-    num_beams = generation.get("num_beams") or (cfg.get("eval") or {}).get("num_beams") or 1
-    if template:
-        lines += [
-            "## Prompt format",
-            "",
-            "Every prompt (training, evaluation, and yours) is rendered from this template; the model writes the "
-            "completion after it:",
-            "",
-            *_fenced(template, "text"),
-            "",
-            f"Decoding: {'greedy' if num_beams == 1 else f'beam search with {num_beams} beams'}, at most "
-            f"{max_new_tokens} new tokens, stopping at EOS"
-            + (" or at " + ", ".join(f"`{json.dumps(s)}`" for s in stops) if stops else "")
-            + ".",
-            "",
-        ]
-    lines += [
-        "## Usage",
-        "",
-        *_fenced(_usage_snippet(repo_id, template, stops, max_new_tokens, num_beams), "python"),
-        "",
-    ]
-
-    lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
-    for key, value in _hyperparameters(cfg):
-        lines.append(f"| {key} | `{value}` |")
-    summary = throughput_summary(run)
-    compute = []
-    if summary["steps"] is not None:
-        epochs = [line["epoch"] for line in run.train if isinstance(line.get("epoch"), (int, float))]
-        compute.append(
-            f"{summary['steps']} optimizer steps" + (f" ({max(epochs):.2f} epochs)" if epochs else "")
-        )
-    if summary["tokens_per_second"] is not None:
-        compute.append(f"{fmt(summary['tokens_per_second'])} tokens/s on average")
-    if summary["wall_time_s"] is not None:
-        compute.append(f"{summary['wall_time_s'] / 60:.1f} min wall time")
-    losses = [line["loss"] for line in run.train if is_number(line.get("loss"))]
-    if losses:
-        compute.append(f"final training loss {fmt(losses[-1])}")
-    if compute:
-        lines += ["", "Compute: " + "; ".join(compute) + ". Curves are in `hftoolkit/plots/` when present."]
-    lines.append("")
-
-    samples = run.predictions[:CARD_SAMPLE_PREDICTIONS]
-    if samples:
-        lines += [
-            "## Sample predictions",
-            "",
-            f"The first {len(samples)} evaluation examples (more in `hftoolkit/predictions_sample.jsonl`):",
-            "",
-        ]
-        for i, row in enumerate(samples, 1):
-            refs = row.get("references") or []
-            score = f" (score {fmt(row.get('score'))})" if is_number(row.get("score")) else ""
-            lines += [
-                f"**Example {i}**{score}",
-                "",
-                "Prompt:",
-                "",
-                *_fenced(str(row.get("prompt", "")), "text"),
-            ]
-            lines += ["", "Reference:", "", *_fenced(str(refs[0] if refs else ""), "text")]
-            lines += ["", "Prediction:", "", *_fenced(str(row.get("prediction", "")), "text"), ""]
-
-    lines += ["## Limitations", ""]
-    if context:
-        max_seq_len = data_cfg.get("max_seq_len")
-        lines.append(
-            f"- Context window: {context} tokens (prompt plus generated tokens)."
-            + (f" Training examples were cut to {max_seq_len} tokens." if max_seq_len else "")
-        )
-    lines.append(
-        f"- Data: the model only knows what {_data_description(data_cfg)} and its base model taught it; "
-        "expect errors and made-up facts outside that distribution."
-    )
-    if not data_cfg.get("dataset_name") and not data_cfg.get("train_file"):
-        lines.append("- The training data was synthetic: this model demonstrates the pipeline, nothing more.")
-    lines.append(
-        "- A small GPT-2-class model: not evaluated for safety, bias or factuality; not for production decisions."
-    )
-    lines += ["", "## Reproduce", "", *_fenced("hftoolkit train hftoolkit/config.yaml", "bash"), ""]
-    return "\n".join(lines)
-
-
-def _usage_snippet(repo_id, template, stops, max_new_tokens, num_beams) -> str:
-    fields = _template_fields(template) if template else []
-    lines = [
-        "from transformers import pipeline",
-        "",
-        f'generator = pipeline("text-generation", model="{repo_id or "REPO_ID"}")',
-    ]
-    if template:
-        lines.append(f"PROMPT_TEMPLATE = {template!r}")
-    lines.append(f"STOP_STRINGS = {stops!r}")
-    lines.append("")
-    if template and fields:
-        args = ", ".join(f'{name}="Your {name.replace("_", " ")} here."' for name in fields)
-        lines.append(f"prompt = PROMPT_TEMPLATE.format({args})")
-    elif template:
-        lines.append('prompt = PROMPT_TEMPLATE + "Your text here."')
-    else:
-        lines.append('prompt = "Your text here."')
-    lines += [
-        "out = generator(",
-        "    prompt,",
-        f"    max_new_tokens={int(max_new_tokens)},",
-        f"    num_beams={int(num_beams)},",
-        "    do_sample=False,",
-        "    return_full_text=False,",
-        "    stop_sequence=STOP_STRINGS or None,",
-        ")",
-        'completion = out[0]["generated_text"]',
-        "for stop in STOP_STRINGS:  # generation halts after a stop string; cut it off",
-        "    completion = completion.split(stop)[0]",
-        "print(completion.strip())",
-    ]
-    return "\n".join(lines)
-
-
-def _template_fields(template: str) -> list[str]:
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-    except ValueError:  # stray braces: not a str.format template
-        return []
-    return list(dict.fromkeys(names))
-
-
-def _fenced(text: str, lang: str) -> list[str]:
-    """A code fence longer than any backtick run inside `text` (predictions can contain ```)."""
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return [f"{fence}{lang}", text, fence]
-
-
-def _hyperparameters(cfg: dict) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for key, value in (cfg.get("train") or {}).items():
-        if value is None or isinstance(value, (dict, list)):
-            continue
-        rows.append((key, value))
-    data_cfg = cfg.get("data") or {}
-    for key in ("max_seq_len", "packing"):
-        if key in data_cfg:
-            rows.append((f"data.{key}", data_cfg[key]))
-    if "seed" in cfg:
-        rows.append(("seed", cfg["seed"]))
-    return rows
-
-
-def _data_description(data_cfg: dict) -> str:
-    if data_cfg.get("dataset_name"):
-        name = data_cfg["dataset_name"]
-        config = f" ({data_cfg['dataset_config_name']})" if data_cfg.get("dataset_config_name") else ""
-        return f"[{name}](https://huggingface.co/datasets/{name}){config}"
-    if data_cfg.get("train_file"):
-        return f"local data (`{Path(str(data_cfg['train_file'])).name}`)"
-    return "synthetic data (`hftoolkit.synthetic`)"
-
-
-def _eval_dataset(results: dict, data_cfg: dict) -> dict[str, Any]:
-    """model-index wants a dataset name and type: results.json's eval_dataset, else what the recipe says."""
-    recorded = dict(results.get("eval_dataset") or {})
-    if not recorded.get("name"):
-        if data_cfg.get("dataset_name"):
-            recorded.update(name=data_cfg["dataset_name"], config=data_cfg.get("dataset_config_name"))
-        elif data_cfg.get("validation_file"):
-            recorded.update(name=Path(str(data_cfg["validation_file"])).name)
-        else:
-            recorded.update(name="synthetic")
-    recorded["name"] = str(recorded["name"])
-    return recorded
-
-
-def _languages(task: str, data_cfg: dict) -> list[str] | None:
-    if task != "translation":
-        return None
-    # Only real ISO 639 codes: the Hub rejects others, and the synthetic data uses "xx" on purpose.
-    codes = [data_cfg.get("source_lang"), data_cfg.get("target_lang")]
-    codes = [c for c in codes if isinstance(c, str) and re.fullmatch(r"[a-z]{2,3}", c) and c != "xx"]
-    return list(dict.fromkeys(codes)) or None
-
-
-def _hub_id(name: Any) -> str | None:
-    """`name` if it can be a Hub id (metadata must not point at a local folder), else None."""
-    if not isinstance(name, str) or not name or Path(name).expanduser().exists():
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
-def _count_parameters(model_dir: Path) -> int:
-    """Sum of tensor sizes from the safetensors headers (8-byte length + JSON), without loading weights."""
-    total = 0
-    for path in model_dir.glob("*.safetensors"):
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in info.get("shape", []):
-                    count *= dim
-                total += count
-    return total
-
-
-def _human_count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
 
 
 def stage_upload(

@@ -23,16 +23,11 @@ import json
 from pathlib import Path
 
 from hftoolkit.errors import UserError
+from hftoolkit.rundir import MODEL_INFO, ModelInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_DIR = "base_model"
 PEFT_PREFIX = "base_model.model."
-
-
-def is_lora(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def base_state_dict(peft_state_dict: dict) -> dict:
@@ -82,7 +77,7 @@ def merge_run(run_dir, out=None) -> Path:
             "can be merged (their model/ is already a full checkpoint otherwise)"
         )
     out = Path(out) if out else run_dir / "merged"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "hftoolkit.json").is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_INFO).is_file())):
         raise UserError(f"merge: --out {out} exists and is not an earlier merge; choose a new folder")
     if (run_dir / BASE_DIR / "config.json").is_file():
         base_ref, revision = str(run_dir / BASE_DIR), None
@@ -103,10 +98,9 @@ def merge_run(run_dir, out=None) -> Path:
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     set_generation_defaults(merged, tokenizer)
-    info_path = adapter_dir / "hftoolkit.json"
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
+    info = ModelInfo.read(adapter_dir)
     if info:  # the run's decoding, as a non-LoRA run's model/ carries it
-        merged.generation_config.max_new_tokens = info.get("max_new_tokens")
-        merged.generation_config.num_beams = info.get("num_beams", 1)
-    save_pretrained(merged, tokenizer, out, extra_json={"hftoolkit.json": info} if info else None)
+        merged.generation_config.max_new_tokens = info.max_new_tokens
+        merged.generation_config.num_beams = info.num_beams
+    save_pretrained(merged, tokenizer, out, info=info)
     return out

@@ -213,3 +213,40 @@ def signature(name: str, nrefs: int | str | None = None, **compute_kwargs: Any) 
         f"{key}:{json.dumps(value) if isinstance(value, list | dict) else value}"
         for key, value in description.items()
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-example scores (0-100) for predictions.jsonl: tasks pick one in Task.score_examples.
+
+
+def squad_inputs(predictions: list[str], references: list[list[str]]) -> tuple[list[dict], list[dict]]:
+    """Plain texts in the squad modules' input layout (ids are positions; answer starts are not scored)."""
+    preds = [{"id": str(i), "prediction_text": p} for i, p in enumerate(predictions)]
+    refs = [
+        {"id": str(i), "answers": {"text": r, "answer_start": [0] * len(r)}} for i, r in enumerate(references)
+    ]
+    return preds, refs
+
+
+def rouge_per_example(predictions: list[str], references: list[list[str]], key: str) -> list[float]:
+    out = load("rouge").compute(
+        predictions=predictions, references=references, use_stemmer=True, use_aggregator=False
+    )
+    return [100.0 * float(v) for v in out[key]]
+
+
+def bleu_per_example(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """sacreBLEU's sentence BLEU (exponential smoothing, effective n-gram order): the corpus headline's
+    per-example counterpart (corpus BLEU is not a mean of sentence BLEUs, so these only rank examples)."""
+    import sacrebleu
+
+    return [float(sacrebleu.sentence_bleu(p, r).score) for p, r in zip(predictions, references, strict=True)]
+
+
+def squad_f1_per_example(predictions: list[str], references: list[list[str]]) -> list[float]:
+    module = load("squad")
+    scores = []
+    for p, r in zip(predictions, references, strict=True):
+        preds, refs = squad_inputs([p], [r])
+        scores.append(float(module.compute(predictions=preds, references=refs)["f1"]))
+    return scores

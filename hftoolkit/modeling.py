@@ -129,22 +129,20 @@ def init_model_dir(
     return out
 
 
-def save_pretrained(model, tokenizer, out: Path, state_dict=None, extra_json: dict | None = None) -> None:
-    """save_pretrained (safetensors) + tokenizer (+ extra JSON files) into a temp folder, fsync, then swap it in:
-    a crash never leaves a half-written model folder."""
+def save_pretrained(model, tokenizer, out: Path, state_dict=None, info=None) -> None:
+    """save_pretrained (safetensors) + tokenizer (+ `info`, a rundir.ModelInfo, as hftoolkit.json) into a temp
+    folder, fsync, then swap it in: a crash never leaves a half-written model folder."""
     import shutil
 
-    from hftoolkit.checkpoint import make_temp_dir
+    from hftoolkit.atomic import fsync_tree, make_temp_dir
 
     out = Path(out)
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
-        from hftoolkit.checkpoint import atomic_write_json, fsync_tree
-
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for name, obj in (extra_json or {}).items():
-            atomic_write_json(tmp / name, obj)
+        if info is not None:
+            info.write(tmp)
         fsync_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")

@@ -9,10 +9,11 @@ import math
 import statistics
 from pathlib import Path
 
-from hftoolkit.config import Recipe, field_docs, to_dict
-from hftoolkit.data import check_columns, load_raw_splits, steps_per_epoch, tokenize_split
+from hftoolkit.config import Recipe, field_docs, flatten, to_dict
+from hftoolkit.data import steps_per_epoch, tokenize_split
 from hftoolkit.errors import UserError
-from hftoolkit.run import flatten
+from hftoolkit.run import check_context, load_splits, resolve_recipe, tokenizer_training_texts
+from hftoolkit.rundir import read_metrics
 from hftoolkit.tasks import get_task
 
 DIM, BOLD, RESET = "\033[2m", "\033[1m", "\033[0m"
@@ -72,7 +73,7 @@ def plan(
     recipe: Recipe, examples: int = 2, color: bool = False, tokens_per_second: float | None = None
 ) -> None:
     from hftoolkit.evaluation import compute_scores
-    from hftoolkit.modeling import context_length, count_parameters
+    from hftoolkit.modeling import count_parameters
 
     task = get_task(recipe.task)
     docs = field_docs()
@@ -85,29 +86,11 @@ def plan(
 
     out = Path(recipe.output_dir)
     data_cfg = recipe.data
-    if task.name == "translation" and data_cfg.synthetic is not None:
-        from hftoolkit.synthetic import SYNTHETIC_LANG
-
-        data_cfg.source_lang, data_cfg.target_lang = (
-            data_cfg.source_lang or "en",
-            data_cfg.target_lang or SYNTHETIC_LANG,
-        )
-    splits = load_raw_splits(recipe, out)
-    for name, ds in splits.items():
-        check_columns(task, data_cfg, ds, name)
+    resolve_recipe(recipe)
+    splits = load_splits(recipe, task, need_train=False)
     train_raw = splits.get("train", splits["validation"])
-    texts = None
-    if recipe.model.init is not None and recipe.model.init.tokenizer == "bpe":
-        template = task.template(data_cfg)
-        texts = [
-            template.render(task.fields(r, data_cfg)) + " " + task.target(r, data_cfg) for r in train_raw
-        ]
-    model, tokenizer = _model_for_plan(recipe, texts)
-    ctx = context_length(model)
-    if ctx is not None and data_cfg.max_seq_len > ctx:
-        raise UserError(
-            f"data.max_seq_len: {data_cfg.max_seq_len} exceeds the model's context of {ctx} tokens"
-        )
+    model, tokenizer = _model_for_plan(recipe, tokenizer_training_texts(recipe, task, splits))
+    ctx = check_context(model, data_cfg)
     train_ds, stats = tokenize_split(
         task, tokenizer, train_raw, data_cfg, data_cfg.max_seq_len, data_cfg.packing
     )
@@ -120,7 +103,7 @@ def plan(
         print("  " + render_example(tokenizer, train_ds[i], color).replace("\n", "\n  "))
 
     print(f"\ntoken lengths ({len(train_raw)} training rows, data.max_seq_len={data_cfg.max_seq_len}):")
-    if task.generates:
+    if task.tokenization == "completion":
         totals = [p + t for p, t in zip(stats.prompt_lengths, stats.target_lengths, strict=True)]
         print(f"  prompt: {length_summary(stats.prompt_lengths)}")
         print(f"  target (+EOS): {length_summary(stats.target_lengths)}")
@@ -215,23 +198,15 @@ def _model_for_plan(recipe: Recipe, texts):
 
 
 def _previous_throughput(out: Path) -> float | None:
-    import json
-
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    values = [
-        r["tokens_per_second"]
-        for r in map(json.loads, path.read_text().splitlines())
-        if r.get("tokens_per_second")
-    ]
+    train_lines, _ = read_metrics(out)
+    values = [r["tokens_per_second"] for r in train_lines if r.get("tokens_per_second")]
     return statistics.median(values) if values else None
 
 
 def _save_histogram(lengths: list[int], limit: int, path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    from hftoolkit.checkpoint import atomic_write_bytes
+    from hftoolkit.atomic import atomic_write_bytes
 
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()

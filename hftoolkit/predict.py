@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 from hftoolkit.errors import UserError
 from hftoolkit.generation import Decoding, generate_batch
+from hftoolkit.rundir import ModelInfo
 from hftoolkit.tasks import PromptTemplate, get_task
-
-
-def load_task_info(model_dir: str) -> dict:
-    path = Path(model_dir) / "hftoolkit.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def render_prompt(template: PromptTemplate, text: str, extra: dict[str, str]) -> str:
@@ -44,29 +39,22 @@ def render_prompt(template: PromptTemplate, text: str, extra: dict[str, str]) ->
 def run_generate(args) -> int:
     from hftoolkit.modeling import load_tokenizer
 
-    info = load_task_info(args.model_dir)
-    task = get_task(args.task or info.get("task") or "generation")
-    if info.get("task") and args.task and args.task != info["task"]:
-        raise UserError(f"--task: {args.model_dir} was trained for '{info['task']}', not '{args.task}'")
+    info = ModelInfo.read(args.model_dir)
+    trained_for = info.task if info else None
+    task = get_task(args.task or trained_for or "generation")
+    if trained_for and args.task and args.task != trained_for:
+        raise UserError(f"--task: {args.model_dir} was trained for '{trained_for}', not '{args.task}'")
+    data = info.data if info else {}
+    # The recipe keys the task reads (column names, languages) as the training run resolved them.
     data_cfg = SimpleNamespace(
-        prompt_template=info.get("prompt_template"), **{k: None for k in ("source_lang", "target_lang")}
+        **{"source_lang": None, "target_lang": None, **data, "prompt_template": info and info.prompt_template}
     )
     template = task.template(data_cfg)
-    if info.get("prompt_template"):
+    if info and info.prompt_template:
         template = PromptTemplate(
-            info["prompt_template"],
-            info.get("source_field", template.source_field),
-            info.get("target_prefix", " "),
+            info.prompt_template, info.source_field or template.source_field, info.target_prefix
         )
-    extra = {}
-    langs = info.get("data", {})
-    if task.name == "translation":
-        from hftoolkit.tasks.translation import language_name
-
-        extra = {
-            "source_lang": language_name(langs.get("source_lang") or "en"),
-            "target_lang": language_name(langs.get("target_lang") or "de"),
-        }
+    extra = task.fixed_fields(data_cfg)
     for item in args.field:
         if "=" not in item:
             raise UserError(f"--field: '{item}' is not NAME=VALUE")
@@ -79,9 +67,9 @@ def run_generate(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)
     model.eval()
     decoding = Decoding(
-        max_new_tokens=args.max_new_tokens or info.get("max_new_tokens") or 64,
-        num_beams=args.num_beams or info.get("num_beams") or 1,
-        stop_strings=tuple(info.get("stop_strings", task.stop_strings)),
+        max_new_tokens=args.max_new_tokens or (info and info.max_new_tokens) or 64,
+        num_beams=args.num_beams or (info and info.num_beams) or 1,
+        stop_strings=tuple(info.stop_strings if info else task.stop_strings),
     )
     interactive = not args.inputs and sys.stdin.isatty()
 
@@ -102,9 +90,8 @@ def run_generate(args) -> int:
     for text in inputs():
         prompt = render_prompt(template, text, extra)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        tokenizer.padding_side = "left"
         completions, _ = generate_batch(model, tokenizer, [ids], decoding)
         if args.show_prompt:
             print(prompt, end="")
-        print(task.postprocess(completions[0], decoding.stop_strings) if task.generates else completions[0])
+        print(task.postprocess(completions[0], decoding.stop_strings))
     return 0

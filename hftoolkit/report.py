@@ -2,9 +2,9 @@
 
 Usage: python -c "from hftoolkit.report import write_report; write_report('runs/example')"
 
-A run directory is data written by our training code (see CONTRACT.md); a run that stopped early or was
-eval-only lacks some of it, so every reader here tolerates missing files and keys. The same readers feed the
-model card in hub.py.
+A run directory is data written by our training code (hftoolkit.rundir; layout in docs/run-directory.md); a run
+that stopped early or was eval-only lacks some of it, so every reader tolerates missing files and keys. The same
+readers feed the model card (card.py).
 """
 
 from __future__ import annotations
@@ -15,126 +15,19 @@ import logging
 import math
 import os
 import statistics
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hftoolkit.errors import UserError
+from hftoolkit.atomic import atomic_write_bytes, atomic_write_text
+from hftoolkit.rundir import RunRecord, read_run
+from hftoolkit.tasks import lower_is_better
+from hftoolkit.tasks.base import LOSS_METRICS
 
 logger = logging.getLogger(__name__)
 
-# Lower is better for these; every other score in results.json is 0-100, higher is better.
-LOSS_LIKE = ("eval_loss", "perplexity")
 # Eval-line keys that are bookkeeping, not task metrics.
 _NOT_METRICS = {"kind", "step", "epoch", "eval_loss", "perplexity", "num_examples"}
 PLOT_NAMES = ("loss.png", "metric.png", "throughput.png")
-# Keys a run may use to record elapsed training time, in seconds (first found wins).
-_WALL_TIME_KEYS = ("train_runtime_s", "wall_time_s", "elapsed_s", "train_runtime")
-
-
-@dataclass
-class Run:
-    """Everything a report or a model card needs from one run directory."""
-
-    path: Path
-    config: dict[str, Any] = field(default_factory=dict)
-    results: dict[str, Any] | None = None
-    train: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines with kind == "train"
-    evals: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl lines with kind == "eval"
-    predictions: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def task(self) -> str:
-        return str(self.config.get("task") or "generation")
-
-    @property
-    def model_name(self) -> str:
-        model = self.config.get("model") or {}
-        if model.get("init"):
-            init = model["init"]
-            preset = init.get("preset") if isinstance(init, dict) else init
-            return f"init:{preset}"
-        return str(model.get("name_or_path") or "-")
-
-    @property
-    def steps(self) -> int | None:
-        steps = [line["step"] for line in self.train if isinstance(line.get("step"), int)]
-        return max(steps) if steps else None
-
-    def baseline(self) -> dict[str, float]:
-        return dict((self.results or {}).get("baseline") or {})
-
-    def final(self) -> dict[str, float]:
-        return dict((self.results or {}).get("final") or {})
-
-    def wall_time_s(self) -> float | None:
-        for source in [self.results or {}, *reversed(self.train)]:
-            for key in _WALL_TIME_KEYS:
-                if is_number(source.get(key)):
-                    return float(source[key])
-        return None
-
-
-def read_json_object(path: Path, fix: str) -> dict:
-    """A JSON file's top-level object ({} if the file is missing or holds something else); invalid JSON is a
-    UserError that names the file, the position and `fix`."""
-    if not path.is_file():
-        return {}
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}): {fix}") from None
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def read_run(run_dir: str | os.PathLike, *, require_results: bool = False) -> Run:
-    """Load config.yaml, results.json, metrics.jsonl and predictions.jsonl, whichever exist."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise UserError(f"run directory {path} does not exist: pass the output_dir of a training run")
-    run = Run(path=path)
-    config_file = path / "config.yaml"
-    if config_file.is_file():
-        try:
-            loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise UserError(
-                f"{config_file} is not valid YAML ({type(err).__name__}): fix or restore it"
-            ) from None
-        run.config = loaded if isinstance(loaded, dict) else {}
-    results_file = path / "results.json"
-    if require_results and not results_file.is_file():
-        raise UserError(f"{results_file} is missing: {path} is not a finished run (train or eval it first)")
-    run.results = read_json_object(results_file, "re-run the evaluation")
-    for line in _read_jsonl(path / "metrics.jsonl"):
-        (run.evals if line.get("kind") == "eval" else run.train).append(line)
-    run.predictions = _read_jsonl(path / "predictions.jsonl")
-    return run
-
-
-def _read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    if not path.is_file():
-        return rows
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if limit is not None and len(rows) >= limit:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-write leaves a truncated last line; the rest is still worth reporting.
-                logger.warning("skipping unreadable line in %s", path)
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
 
 
 def is_number(value: Any) -> bool:
@@ -149,29 +42,32 @@ def fmt(value: Any, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
-def metric_names(*dicts: dict[str, Any]) -> list[str]:
-    """Union of keys in first-seen order, task metrics first and losses last."""
+def metric_names(*dicts: dict[str, Any], lower: tuple[str, ...] = LOSS_METRICS) -> list[str]:
+    """Union of keys in first-seen order, task metrics first and the lower-is-better ones (losses) last."""
     names: list[str] = []
     for d in dicts:
         names += [k for k in d if k not in names]
-    return [n for n in names if n not in LOSS_LIKE] + [n for n in LOSS_LIKE if n in names]
+    return [n for n in names if n not in lower] + [n for n in lower if n in names]
 
 
-def results_table(baseline: dict[str, Any], final: dict[str, Any]) -> list[str]:
-    """Markdown table rows: metric | baseline | fine-tuned | delta (or metric | score for eval-only runs)."""
+def results_table(
+    baseline: dict[str, Any], final: dict[str, Any], lower: tuple[str, ...] = LOSS_METRICS
+) -> list[str]:
+    """Markdown table rows: metric | baseline | fine-tuned | delta (or metric | score for eval-only runs).
+    `lower`: the task's lower-is-better score names (Task.lower_is_better)."""
     if not baseline:
         rows = ["| metric | score |", "|---|---:|"]
-        return rows + [f"| {name} | {fmt(final.get(name))} |" for name in metric_names(final)]
+        return rows + [f"| {name} | {fmt(final.get(name))} |" for name in metric_names(final, lower=lower)]
     rows = ["| metric | baseline | fine-tuned | Δ |", "|---|---:|---:|---:|"]
-    for name in metric_names(baseline, final):
+    for name in metric_names(baseline, final, lower=lower):
         before, after = baseline.get(name), final.get(name)
         delta = after - before if is_number(before) and is_number(after) else None
-        label = f"{name} (lower is better)" if name in LOSS_LIKE else name
+        label = f"{name} (lower is better)" if name in lower else name
         rows.append(f"| {label} | {fmt(before)} | {fmt(after)} | {fmt(delta, signed=True)} |")
     return rows
 
 
-def throughput_summary(run: Run) -> dict[str, float | int | None]:
+def throughput_summary(run: RunRecord) -> dict[str, float | int | None]:
     def mean(key: str) -> float | None:
         values = [line[key] for line in run.train if is_number(line.get(key))]
         return statistics.fmean(values) if values else None
@@ -181,22 +77,7 @@ def throughput_summary(run: Run) -> dict[str, float | int | None]:
         "tokens_per_second": mean("tokens_per_second"),
         "target_tokens_per_second": mean("target_tokens_per_second"),
         "mfu": mean("mfu"),
-        "wall_time_s": run.wall_time_s(),
     }
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "xb") rather than mkstemp: the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +93,7 @@ def _series(lines: list[dict[str, Any]], key: str) -> tuple[list[int], list[floa
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def headline_metrics(run: Run) -> list[str]:
+def headline_metrics(run: RunRecord) -> list[str]:
     """What metric.png shows: perplexity for generation, else the task metrics the eval lines carry."""
     if run.task == "generation":
         return ["perplexity"]
@@ -256,7 +137,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
         ax.legend()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        atomic_write(plots_dir / name, buf.getvalue())
+        atomic_write_bytes(plots_dir / name, buf.getvalue())
         written.append(plots_dir / name)
 
     marker = {"marker": "o"}
@@ -354,7 +235,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if run.results is None:
         lines += ["No results.json: the run did not finish its evaluation.", ""]
     else:
-        lines += [*results_table(run.baseline(), run.final()), ""]
+        lines += [*results_table(run.baseline(), run.final(), lower_is_better(run.task)), ""]
         dataset = run.results.get("eval_dataset") or {}
         if dataset:
             lines += [
@@ -385,8 +266,6 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         )
     if summary["mfu"] is not None:
         lines.append(f"- mean MFU: {fmt(summary['mfu'])}")
-    if summary["wall_time_s"] is not None:
-        lines.append(f"- wall time: {summary['wall_time_s']:.0f} s")
     lines.append("")
 
     if plots:
@@ -395,7 +274,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         lines.append("")
 
     path = run.path / "report.md"
-    atomic_write(path, "\n".join(lines).encode("utf-8"))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 

@@ -15,12 +15,14 @@ seeds hash through sha512, so they do not depend on PYTHONHASHSEED): rows are id
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-TASKS = ("generation", "summarization", "translation", "qa")
+from hftoolkit.atomic import atomic_write_text
+from hftoolkit.tasks import TASKS as _REGISTRY
+
+TASKS = tuple(_REGISTRY)  # every registered task has a synthetic dataset (Task.synthetic_rows)
 
 # "xx" is not an ISO 639-1 code, so nothing (sacrebleu's tokenizer choice included) mistakes it for a real language.
 SYNTHETIC_LANG = "xx"
@@ -150,13 +152,13 @@ def _english_sentence(rng: random.Random) -> str:
 # One infinite row stream per task.
 
 
-def _generation_rows(rng: random.Random) -> Iterator[dict]:
+def generation_rows(rng: random.Random) -> Iterator[dict]:
     # A short paragraph: 2-4 grammar sentences.
     while True:
         yield {"text": " ".join(_english_sentence(rng) for _ in range(rng.randint(2, 4)))}
 
 
-def _summarization_rows(rng: random.Random) -> Iterator[dict]:
+def summarization_rows(rng: random.Random) -> Iterator[dict]:
     # A document about one person: the key fact (after the cue "the main news is that") among 2-4 distractors,
     # one of which is another event, so the model must find the cue rather than the only event. The summary is
     # the key fact without its cue and its date: a contiguous copy.
@@ -179,7 +181,7 @@ def _summarization_rows(rng: random.Random) -> Iterator[dict]:
         }
 
 
-def _translation_rows(rng: random.Random) -> Iterator[dict]:
+def translation_rows(rng: random.Random) -> Iterator[dict]:
     while True:
         en = _english_sentence(rng)
         yield {"translation": {"en": en, SYNTHETIC_LANG: translate_to_synthetic(en)}}
@@ -195,7 +197,7 @@ _QA_RELATIONS = (
 _QA_WHO = {0: "Who lives in {value} ?", 1: "Who works at the {value} ?"}
 
 
-def _qa_rows(rng: random.Random, stream: str) -> Iterator[dict]:
+def qa_rows(rng: random.Random, stream: str) -> Iterator[dict]:
     # 2-3 facts about distinct people; relations may repeat, so answering needs the name (or value) in the
     # question, not just the relation. Values are distinct within a context, so every question has exactly one
     # answer. Why 2-3 and not 4: a 2-layer, 128-wide model (lr 5e-4 to 1e-3, batch 32) reached ~80 exact match in
@@ -239,13 +241,7 @@ def _row_stream(task: str, stream: str) -> Iterator[dict]:
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r} (choose from: {', '.join(TASKS)})")
     rng = random.Random(f"hftoolkit.synthetic/{task}/{stream}")
-    makers: dict[str, Callable[[random.Random], Iterator[dict]]] = {
-        "generation": _generation_rows,
-        "summarization": _summarization_rows,
-        "translation": _translation_rows,
-        "qa": lambda r: _qa_rows(r, stream),
-    }
-    return makers[task](rng)
+    return _REGISTRY[task].synthetic_rows(rng, stream)
 
 
 def _content_key(row: dict) -> str:
@@ -264,17 +260,8 @@ def make_examples(task: str, n: int, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path) -> None:
-    """One JSON object per line, utf-8; written to a temporary file then renamed, so a reader never sees half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """One JSON object per line, utf-8, written atomically (a reader never sees half a file)."""
+    atomic_write_text(Path(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def make_validation_examples(

@@ -8,34 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from hftoolkit import checkpoint as ckpt
-from hftoolkit.config import Recipe, to_dict
+from hftoolkit import rundir
+from hftoolkit.checkpoint import Progress
+from hftoolkit.config import Recipe
 from hftoolkit.errors import UserError
 from hftoolkit.evaluation import token_losses
 from hftoolkit.flops import device_peak_flops, flops_per_token
 from hftoolkit.run import Run, prepare_run
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    """Loop state that a checkpoint restores (besides what accelerator.save_state holds)."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch (per process)
-    best: dict = field(default_factory=dict)
 
 
 class StopRequested:
@@ -107,9 +96,92 @@ def backward_window(acc, model, window: list[dict], targets_only: bool = False) 
     return acc.reduce(total, "sum") / n_targets if acc.num_processes > 1 else total / n_targets
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def optimizer_step(acc, model, window, optimizer, scheduler, max_grad_norm: float, targets_only: bool):
+    """One optimizer step over a window of micro-batches → (mean token loss, pre-clip gradient norm or None).
+
+    Both stay on the device: reading them would sync the host every step (StepLogger reads them every
+    logging_steps)."""
+    loss = backward_window(acc, model, window, targets_only)
+    grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def epoch_windows(train_loader, progress: Progress, accum: int):
+    """The current epoch's optimizer-step windows of `accum` micro-batches (fewer at the end of the epoch),
+    after the `progress.batches_in_epoch` micro-batches a resumed checkpoint already consumed."""
+    train_loader.set_epoch(progress.epoch)  # deterministic shuffle per (seed, epoch)
+    loader = train_loader
+    if progress.batches_in_epoch:
+        from accelerate import skip_first_batches
+
+        loader = skip_first_batches(train_loader, progress.batches_in_epoch)
+    batches = iter(loader)
+    while window := list(itertools.islice(batches, accum)):
+        yield window
+
+
+class StepLogger:
+    """Sums loss and token counts on the device between logs; every logging_steps it syncs once, checks the loss
+    is finite and writes a train line (metrics.jsonl, trackers, progress bar). Time spent `paused()` (evaluation,
+    checkpoints) does not count in tokens/s."""
+
+    def __init__(self, run: Run, scheduler, start_step: int):
+        acc = run.accelerator
+        self.run, self.scheduler, self.last_step = run, scheduler, start_step
+        self.flops_token = flops_per_token(acc.unwrap_model(run.model), run.recipe.data.max_seq_len)
+        self.peak = device_peak_flops(acc.device)
+        self.loss = torch.zeros((), device=acc.device)
+        self.tokens = torch.zeros(2, device=acc.device)  # (all tokens, target tokens) since the last log
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, window: list[dict]) -> None:
+        self.loss += loss
+        for batch in window:
+            self.tokens[0] += batch["num_tokens"]
+            self.tokens[1] += (batch["labels"][:, 1:] != -100).sum()
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - start
+
+    def write(self, progress: Progress, grad_norm, bar, last_good) -> None:
+        acc, run = self.run.accelerator, self.run
+        loss = self.loss.item() / (progress.step - self.last_step)
+        if not math.isfinite(loss):
+            raise UserError(
+                f"training loss became {loss} at or before step {progress.step}; weights are not saved. "
+                f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or use bf16 instead of fp16"
+            )
+        seen = acc.reduce(self.tokens, "sum").tolist()
+        elapsed = time.perf_counter() - self.t0
+        mfu = None
+        if self.peak and self.flops_token:
+            mfu = self.flops_token * seen[0] / elapsed / (self.peak * acc.num_processes)
+        record = {
+            "kind": "train",
+            "step": progress.step,
+            "epoch": round(progress.epoch + progress.batches_in_epoch / max(run.batches_per_epoch, 1), 4),
+            "loss": loss,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_second": seen[0] / elapsed,
+            "target_tokens_per_second": seen[1] / elapsed,
+            "mfu": mfu,
+        }
+        if acc.is_main_process:
+            rundir.append_metrics(run.out, record)
+        acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=progress.step)
+        postfix = {"loss": f"{loss:.4f}", "tok_s": f"{seen[0] / elapsed:,.0f}"}
+        bar.set_postfix(**postfix, **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+        self.loss.zero_()
+        self.tokens.zero_()
+        self.last_step = progress.step
+        self.t0 = time.perf_counter()
 
 
 def train(recipe: Recipe) -> dict:
@@ -118,12 +190,11 @@ def train(recipe: Recipe) -> dict:
     from transformers import get_scheduler
 
     run: Run = prepare_run(recipe, mode="train")
-    acc, model, cfg, out = run.accelerator, run.model, recipe.train, Path(recipe.output_dir)
-
-    # ---- optimisation setup
-    per_epoch = run.steps_per_epoch
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
-    optimizer = build_optimizer(model, cfg, acc.device)
+    acc, cfg, out = run.accelerator, recipe.train, run.out
+    total_steps = (
+        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * run.steps_per_epoch)
+    )
+    optimizer = build_optimizer(run.model, cfg, acc.device)
     # The prepared scheduler steps num_processes times per optimizer step (accelerate counts schedules in
     # single-process batches), so warmup and length are given in those units: same LR curve on 1 or N processes.
     scheduler = get_scheduler(
@@ -134,128 +205,60 @@ def train(recipe: Recipe) -> dict:
     )
     # prepare: wraps the model (DDP/FSDP/DeepSpeed), shards the loaders, and makes the optimizer/scheduler
     # step only on real optimizer steps (the scheduler is stepped once per optimizer step below).
-    model, optimizer, train_loader, scheduler = acc.prepare(model, optimizer, run.train_loader, scheduler)
+    model, optimizer, train_loader, scheduler = acc.prepare(run.model, optimizer, run.train_loader, scheduler)
     run.model = model
-
-    progress = Progress()
     if run.resume_from is not None:
-        acc.load_state(str(run.resume_from))  # weights, optimizer, scheduler, RNG states of every process
-        state = ckpt.read_state(run.resume_from)
-        progress = Progress(state["step"], state["epoch"], state["batches_in_epoch"], state.get("best", {}))
-        acc.print(f"resumed from {run.resume_from} at step {progress.step}")
+        progress = ckpt.restore(acc, run.resume_from)  # weights, optimizer, scheduler, every process's RNG
     else:
+        progress = Progress()
         set_seed(recipe.seed)
 
-    metrics_path = out / "metrics.jsonl"
-    results = {"baseline": run.read_results().get("baseline", {})}
+    results = {"baseline": rundir.read_results(out).get("baseline", {})}
     if acc.is_main_process:
-        run.truncate_metrics(progress.step)
+        rundir.truncate_metrics(out, progress.step)
     if progress.step == 0 and recipe.eval.baseline:
         results["baseline"] = run.evaluate(step=0, final=False, subset=False)
-
-    flops_token = flops_per_token(acc.unwrap_model(model), recipe.data.max_seq_len)
-    peak = device_peak_flops(acc.device)
-    accum = cfg.gradient_accumulation_steps
-    window_loss = torch.zeros((), device=acc.device)
-    tokens_seen = torch.zeros(2, device=acc.device)  # (all tokens, target tokens) since the last log
-    t_log, last_good, last_logged_step = time.perf_counter(), None, progress.step
+    log, last_good = StepLogger(run, scheduler, progress.step), None
 
     # ================================================================ the loop
     model.train()
     with StopRequested() as stop, run.progress_bar(total_steps, progress.step) as bar:
         while progress.step < total_steps:
-            train_loader.set_epoch(progress.epoch)  # deterministic shuffle per (seed, epoch)
-            loader = train_loader
-            if progress.batches_in_epoch:  # resuming mid-epoch: skip what the checkpoint already consumed
-                from accelerate import skip_first_batches
-
-                loader = skip_first_batches(train_loader, progress.batches_in_epoch)
-            batches = iter(loader)
-            while progress.step < total_steps:
-                # One optimizer step = a window of `accum` micro-batches (fewer at the end of an epoch).
-                window = list(itertools.islice(batches, accum))
-                if not window:
-                    break
-                window_loss += backward_window(acc, model, window, run.targets_only)
-                for batch in window:
-                    tokens_seen[0] += batch["num_tokens"]
-                    tokens_seen[1] += (batch["labels"][:, 1:] != -100).sum()
-                grad_norm = (
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    if cfg.max_grad_norm > 0
-                    else None
+            for window in epoch_windows(train_loader, progress, cfg.gradient_accumulation_steps):
+                loss, grad_norm = optimizer_step(
+                    acc, model, window, optimizer, scheduler, cfg.max_grad_norm, run.targets_only
                 )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
                 progress.batches_in_epoch += len(window)
                 bar.update(1)
-
+                log.add(loss, window)
                 if progress.step % cfg.logging_steps == 0 or progress.step == total_steps:
-                    # The only host-device syncs of the hot loop happen here, every logging_steps.
-                    steps_logged = progress.step - last_logged_step
-                    loss_value = window_loss.item() / steps_logged
-                    if not math.isfinite(loss_value):
-                        raise UserError(
-                            f"training loss became {loss_value} at or before step {progress.step}; weights are not saved. "
-                            f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or use bf16 instead of fp16"
-                        )
-                    seen = acc.reduce(tokens_seen, "sum").tolist()
-                    elapsed = time.perf_counter() - t_log
-                    record = {
-                        "kind": "train",
-                        "step": progress.step,
-                        "epoch": round(
-                            progress.epoch + progress.batches_in_epoch / max(run.batches_per_epoch, 1), 4
-                        ),
-                        "loss": loss_value,
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "tokens_per_second": seen[0] / elapsed,
-                        "target_tokens_per_second": seen[1] / elapsed,
-                        "mfu": (flops_token * seen[0] / elapsed / (peak * acc.num_processes))
-                        if peak and flops_token
-                        else None,
-                    }
-                    if acc.is_main_process:
-                        append_jsonl(metrics_path, record)
-                    acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=progress.step)
-                    bar.set_postfix(
-                        loss=f"{loss_value:.4f}",
-                        tok_s=f"{seen[0] / elapsed:,.0f}",
-                        **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}),
-                    )
-                    window_loss.zero_()
-                    last_logged_step = progress.step
-                    tokens_seen.zero_()
-                    t_log = time.perf_counter()
+                    log.write(progress, grad_norm, bar, last_good)  # the hot loop's only host syncs
 
-                paused = time.perf_counter()  # evaluation and saving do not count in tokens/s
-                if cfg.eval_steps and progress.step % cfg.eval_steps == 0 and progress.step < total_steps:
-                    scores = run.evaluate(step=progress.step, final=False, subset=True)
-                    run.track_best(progress, scores)
-                stop_now = stop.requested(acc, progress.step, every=cfg.logging_steps)
-                if (cfg.save_steps and progress.step % cfg.save_steps == 0) or stop_now:
-                    last_good = run.save_checkpoint(progress, to_dict(recipe))
-                t_log += time.perf_counter() - paused
+                with log.paused():
+                    if cfg.eval_steps and progress.step % cfg.eval_steps == 0 and progress.step < total_steps:
+                        run.evaluate(step=progress.step, final=False, subset=True)
+                    stop_now = stop.requested(acc, progress.step, every=cfg.logging_steps)
+                    if (cfg.save_steps and progress.step % cfg.save_steps == 0) or stop_now:
+                        last_good = ckpt.save(run, progress)
                 if stop_now:
                     acc.print(
                         f"stopped by signal at step {progress.step}; checkpoint saved to {last_good}. Resume with: "
-                        f"hftoolkit train {out / 'config.yaml'} train.resume_from_checkpoint=latest"
+                        f"hftoolkit train {out / rundir.CONFIG} train.resume_from_checkpoint=latest"
                     )
                     acc.end_training()
                     raise SystemExit(143)
-            else:  # the inner loop ran out of steps (not out of data): training is done
-                break
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
+                if progress.step >= total_steps:
+                    break
+            else:  # the epoch ran out of data (not out of steps): next epoch
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
     # ================================================================ end of the loop
 
     if (
         cfg.save_steps and progress.step % cfg.save_steps
     ):  # a final checkpoint, unless that step just saved one
-        run.save_checkpoint(progress, to_dict(recipe))
+        ckpt.save(run, progress)
     results["final"] = run.evaluate(step=progress.step, final=True, subset=False)
     run.save_model()
     results = run.write_results(results)

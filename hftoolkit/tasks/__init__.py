@@ -1,7 +1,7 @@
 """Task registry: a plain dict from the recipe's `task:` value to the task object."""
 
 from hftoolkit.errors import UserError
-from hftoolkit.tasks.base import PromptTemplate, Task
+from hftoolkit.tasks.base import LOSS_METRICS, PromptTemplate, Task
 from hftoolkit.tasks.generation import GenerationTask
 from hftoolkit.tasks.qa import QATask
 from hftoolkit.tasks.summarization import SummarizationTask
@@ -21,4 +21,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "PromptTemplate", "Task", "get_task"]
+def lower_is_better(name: str) -> tuple[str, ...]:
+    """The score names where smaller wins for task `name` (the losses for a task this version does not know)."""
+    return TASKS[name].lower_is_better if name in TASKS else LOSS_METRICS
+
+
+__all__ = ["TASKS", "PromptTemplate", "Task", "get_task", "lower_is_better"]

@@ -6,9 +6,11 @@ prompts, `hftoolkit generate` prompts and the model card.
 
 from __future__ import annotations
 
+import random
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from hftoolkit.errors import UserError
 
@@ -51,26 +53,79 @@ class PromptTemplate:
         return "".join(self.pieces(fields))
 
 
+# Lower is better for these in every task (every other score in results.json is 0-100, higher is better).
+LOSS_METRICS = ("eval_loss", "perplexity")
+
+
 class Task(Protocol):
-    """One use case. Implementations live in one small file each and are registered in tasks/__init__.py."""
+    """One use case: everything that varies by task, so the rest of hftoolkit asks the task instead of branching on
+    its name. Implementations live in one small file each and are registered in tasks/__init__.py; most of them
+    inherit the common parts from `BaseTask`."""
 
     name: str
     metrics: tuple[str, ...]  # default evaluate metric names
-    headline: str  # the results.json key the quickstart table and best-checkpoint tracking use
+    headline: str  # the results.json key the quickstart table and the model card lead with
     stop_strings: tuple[str, ...]  # decoding stops here (besides EOS)
-    generates: bool  # evaluation generates completions (False: loss / perplexity only)
+    generates: bool  # evaluation generates completions and scores them (False: loss / perplexity only)
+    tokenization: Literal[
+        "documents", "completion"
+    ]  # packed documents, or prompt (masked) -> completion + EOS
+    hub_task: tuple[str, str]  # model-index task type and its pretty name, for the model card
+    lower_is_better: tuple[str, ...]  # score names where smaller wins
+
+    def check_config(self, data_cfg) -> None: ...
+
+    def resolve(self, data_cfg) -> None: ...
 
     def template(self, data_cfg) -> PromptTemplate: ...
 
     def fields(self, row: dict[str, Any], data_cfg) -> dict[str, str]: ...
 
+    def fixed_fields(self, data_cfg) -> dict[str, str]: ...
+
     def target(self, row: dict[str, Any], data_cfg) -> str: ...
 
     def references(self, row: dict[str, Any], data_cfg) -> list[str]: ...
 
-    def required_columns(self, data_cfg) -> list[str]: ...
+    def required_columns(self, data_cfg, columns: list[str] | None = None) -> list[str]: ...
 
     def postprocess(self, completion: str, stop_strings) -> str: ...
+
+    def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]: ...
+
+    def languages(self, data: dict[str, Any]) -> list[str] | None: ...
+
+    def synthetic_rows(self, rng: random.Random, stream: str) -> Iterator[dict]: ...
+
+
+class BaseTask:
+    """Defaults shared by the tasks; a task overrides what differs."""
+
+    stop_strings: tuple[str, ...] = ("\n",)
+    generates = True
+    tokenization = "completion"
+    lower_is_better = LOSS_METRICS
+
+    def check_config(self, data_cfg) -> None:
+        """Cross-field checks of the recipe's data section for this task (config.validate calls it)."""
+
+    def resolve(self, data_cfg) -> None:
+        """Fill data keys the task derives (before config.yaml is written, so it is the resolved config)."""
+
+    def fixed_fields(self, data_cfg) -> dict[str, str]:
+        """Template fields that come from the recipe rather than from a row (`hftoolkit generate` needs them)."""
+        return {}
+
+    def postprocess(self, completion: str, stop_strings) -> str:
+        return cut_at_stop(completion, stop_strings)
+
+    def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]:
+        """A 0-100 score per example for predictions.jsonl (the report's best/worst listings); None: no score."""
+        return [None] * len(predictions)
+
+    def languages(self, data: dict[str, Any]) -> list[str] | None:
+        """ISO 639 codes of the model card's `language:` metadata (None: not stated)."""
+        return None
 
 
 def column(row: dict[str, Any], name: str, what: str) -> Any:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from hftoolkit.tasks.base import PromptTemplate, as_text, column, cut_at_stop, first_present
+from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_text, column, first_present
 
 
-class GenerationTask:
+class GenerationTask(BaseTask):
     name = "generation"
     metrics = ("perplexity",)
     headline = "perplexity"
     stop_strings: tuple[str, ...] = ()
     generates = False
+    tokenization = "documents"
+    hub_task = ("text-generation", "Text Generation")
     text_columns = ("text", "content", "document")
 
     def text_column(self, data_cfg, columns=None) -> str:
@@ -33,4 +35,9 @@ class GenerationTask:
         return [self.target(row, data_cfg)]
 
     def postprocess(self, completion: str, stop_strings) -> str:
-        return cut_at_stop(completion, stop_strings)
+        return completion  # free text: `hftoolkit generate` prints the continuation as generated
+
+    def synthetic_rows(self, rng, stream):
+        from hftoolkit.synthetic import generation_rows
+
+        return generation_rows(rng)

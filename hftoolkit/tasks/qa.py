@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from hftoolkit.tasks.base import PromptTemplate, as_references, as_text, column, cut_at_stop
+from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_references, as_text, column
 
 
-class QATask:
+class QATask(BaseTask):
     name = "qa"
     metrics = ("squad",)
     headline = "exact_match"
-    stop_strings = ("\n",)
-    generates = True
+    hub_task = ("question-answering", "Question Answering")
 
     def columns(self, data_cfg) -> tuple[str, str, str]:
         return (
@@ -41,5 +40,12 @@ class QATask:
     def target(self, row, data_cfg) -> str:
         return " ".join(self.references(row, data_cfg)[0].split())
 
-    def postprocess(self, completion: str, stop_strings) -> str:
-        return cut_at_stop(completion, stop_strings)
+    def score_examples(self, predictions, references):
+        from hftoolkit.metrics import squad_f1_per_example
+
+        return squad_f1_per_example(predictions, references)
+
+    def synthetic_rows(self, rng, stream):
+        from hftoolkit.synthetic import qa_rows
+
+        return qa_rows(rng, stream)

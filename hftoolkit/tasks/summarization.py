@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from hftoolkit.tasks.base import PromptTemplate, as_references, as_text, column, cut_at_stop, first_present
+from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_references, as_text, column, first_present
 
 
-class SummarizationTask:
+class SummarizationTask(BaseTask):
     name = "summarization"
     metrics = ("rouge",)
     headline = "rougeL"
-    stop_strings = ("\n",)
-    generates = True
+    hub_task = ("summarization", "Summarization")
     # xsum: document/summary; cnn_dailymail: article/highlights; SciTLDR: source/target.
     document_columns = ("document", "article", "source", "text")
     summary_columns = ("summary", "highlights", "target", "tldr")
@@ -40,5 +39,12 @@ class SummarizationTask:
         # One line: the completion stops at "\n" or EOS. Multi-reference data trains on the first reference.
         return " ".join(self.references(row, data_cfg)[0].split())
 
-    def postprocess(self, completion: str, stop_strings) -> str:
-        return cut_at_stop(completion, stop_strings)
+    def score_examples(self, predictions, references):
+        from hftoolkit.metrics import rouge_per_example
+
+        return rouge_per_example(predictions, references, self.headline)
+
+    def synthetic_rows(self, rng, stream):
+        from hftoolkit.synthetic import summarization_rows
+
+        return summarization_rows(rng)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 from hftoolkit.errors import UserError
-from hftoolkit.tasks.base import PromptTemplate, column, cut_at_stop
+from hftoolkit.tasks.base import BaseTask, PromptTemplate, column
 
 LANGUAGE_NAMES = {
     "en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish", "it": "Italian",
@@ -16,12 +18,22 @@ def language_name(code: str) -> str:
     return LANGUAGE_NAMES.get(code, code)
 
 
-class TranslationTask:
+class TranslationTask(BaseTask):
     name = "translation"
     metrics = ("sacrebleu", "chrf")
     headline = "bleu"
-    stop_strings = ("\n",)
-    generates = True
+    hub_task = ("translation", "Translation")
+
+    def check_config(self, data_cfg) -> None:
+        if data_cfg.synthetic is None and not (data_cfg.source_lang and data_cfg.target_lang):
+            raise UserError("data.source_lang/data.target_lang: required for translation (e.g. en, de)")
+
+    def resolve(self, data_cfg) -> None:
+        if data_cfg.synthetic is not None:  # the synthetic pairs are English → the made-up language "xx"
+            from hftoolkit.synthetic import SYNTHETIC_LANG
+
+            data_cfg.source_lang = data_cfg.source_lang or "en"
+            data_cfg.target_lang = data_cfg.target_lang or SYNTHETIC_LANG
 
     def langs(self, data_cfg) -> tuple[str, str]:
         return data_cfg.source_lang, data_cfg.target_lang
@@ -48,14 +60,13 @@ class TranslationTask:
                 )
         return pair
 
-    def fields(self, row, data_cfg) -> dict[str, str]:
+    def fixed_fields(self, data_cfg) -> dict[str, str]:
         src, tgt = self.langs(data_cfg)
+        return {"source_lang": language_name(src or "en"), "target_lang": language_name(tgt or "de")}
+
+    def fields(self, row, data_cfg) -> dict[str, str]:
         pair = self._pair(row, data_cfg)
-        return {
-            "source": " ".join(str(pair[src]).split()),
-            "source_lang": language_name(src),
-            "target_lang": language_name(tgt),
-        }
+        return {"source": " ".join(str(pair[data_cfg.source_lang]).split()), **self.fixed_fields(data_cfg)}
 
     def references(self, row, data_cfg) -> list[str]:
         pair = self._pair(row, data_cfg)
@@ -66,5 +77,18 @@ class TranslationTask:
     def target(self, row, data_cfg) -> str:
         return self.references(row, data_cfg)[0]
 
-    def postprocess(self, completion: str, stop_strings) -> str:
-        return cut_at_stop(completion, stop_strings)
+    def score_examples(self, predictions, references):
+        from hftoolkit.metrics import bleu_per_example
+
+        return bleu_per_example(predictions, references)
+
+    def languages(self, data) -> list[str] | None:
+        # Only real ISO 639 codes: the Hub rejects others, and the synthetic data uses "xx" on purpose.
+        codes = [data.get("source_lang"), data.get("target_lang")]
+        codes = [c for c in codes if isinstance(c, str) and re.fullmatch(r"[a-z]{2,3}", c) and c != "xx"]
+        return list(dict.fromkeys(codes)) or None
+
+    def synthetic_rows(self, rng, stream):
+        from hftoolkit.synthetic import translation_rows
+
+        return translation_rows(rng)
