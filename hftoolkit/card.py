@@ -80,13 +80,22 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
 
 
 def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_config, dataset) -> str:
-    cfg = run.config
-    model_cfg = cfg.get("model") or {}
-    data_cfg = cfg.get("data") or {}
-    task = info.task
-    lower = lower_is_better(task)
-    n_params = _count_parameters(run.path / "model")
+    lines = _intro(run, model_name, base_model, info, model_config)
+    if run.results:
+        lines += _evaluation_section(run, dataset, lower_is_better(info.task))
+    lines += _prompt_section(run.config, repo_id, info)
+    lines += _training_section(run)
+    lines += _samples_section(run.predictions[:CARD_SAMPLE_PREDICTIONS])
     context = model_config.get("n_positions") or model_config.get("max_position_embeddings")
+    lines += _limitations_section(run.config.get("data") or {}, context)
+    return "\n".join(lines)
+
+
+def _intro(run, model_name, base_model, info: ModelInfo, model_config) -> list[str]:
+    model_cfg = run.config.get("model") or {}
+    data_cfg = run.config.get("data") or {}
+    task = info.task
+    n_params = _count_parameters(run.path / "model")
     arch = ", ".join(
         f"{model_config[k]} {label}"
         for k, label in (
@@ -112,27 +121,29 @@ def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_conf
         "hftoolkit (`hftoolkit train`); the resolved recipe is in `hftoolkit/config.yaml`.",
         "",
     ]
+    return lines
 
-    # Results: both baseline and fine-tuned here; model-index (metadata) carries the fine-tuned scores only.
-    if run.results:
-        lines += ["## Evaluation", ""]
-        lines += results_table(run.baseline(), run.final(), lower)
-        lines += [
-            "",
-            f"On `{dataset['name']}`"
-            + (f" ({dataset['config']})" if dataset.get("config") else "")
-            + (f", split `{dataset['split']}`" if dataset.get("split") else "")
-            + (f", {dataset['num_examples']} examples" if dataset.get("num_examples") else "")
-            + ". Scores are on a 0-100 scale"
-            + (
-                f"; {' and '.join(lower)} are lower-is-better."
-                if any(k in lower for k in run.final())
-                else "."
-            )
-            + (" *baseline* is the model before fine-tuning, scored the same way." if run.baseline() else ""),
-            "",
-        ]
 
+def _evaluation_section(run, dataset, lower) -> list[str]:
+    # Both baseline and fine-tuned here; model-index (metadata) carries the fine-tuned scores only.
+    lines = ["## Evaluation", ""]
+    lines += results_table(run.baseline(), run.final(), lower)
+    lines += [
+        "",
+        f"On `{dataset['name']}`"
+        + (f" ({dataset['config']})" if dataset.get("config") else "")
+        + (f", split `{dataset['split']}`" if dataset.get("split") else "")
+        + (f", {dataset['num_examples']} examples" if dataset.get("num_examples") else "")
+        + ". Scores are on a 0-100 scale"
+        + (f"; {' and '.join(lower)} are lower-is-better." if any(k in lower for k in run.final()) else ".")
+        + (" *baseline* is the model before fine-tuning, scored the same way." if run.baseline() else ""),
+        "",
+    ]
+    return lines
+
+
+def _prompt_section(cfg: dict, repo_id, info: ModelInfo) -> list[str]:
+    lines: list[str] = []
     template = info.prompt_template
     stops = list(info.stop_strings)
     max_new_tokens = info.max_new_tokens or (cfg.get("eval") or {}).get("max_new_tokens") or 64
@@ -158,9 +169,12 @@ def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_conf
         *_fenced(_usage_snippet(repo_id, template, stops, max_new_tokens, num_beams), "python"),
         "",
     ]
+    return lines
 
-    lines += ["## Training", "", "| hyperparameter | value |", "|---|---|"]
-    for key, value in _hyperparameters(cfg):
+
+def _training_section(run) -> list[str]:
+    lines = ["## Training", "", "| hyperparameter | value |", "|---|---|"]
+    for key, value in _hyperparameters(run.config):
         lines.append(f"| {key} | `{value}` |")
     summary = throughput_summary(run)
     compute = []
@@ -177,8 +191,11 @@ def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_conf
     if compute:
         lines += ["", "Compute: " + "; ".join(compute) + ". Curves are in `hftoolkit/plots/` when present."]
     lines.append("")
+    return lines
 
-    samples = run.predictions[:CARD_SAMPLE_PREDICTIONS]
+
+def _samples_section(samples: list[dict]) -> list[str]:
+    lines: list[str] = []
     if samples:
         lines += [
             "## Sample predictions",
@@ -198,8 +215,11 @@ def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_conf
             ]
             lines += ["", "Reference:", "", *_fenced(str(refs[0] if refs else ""), "text")]
             lines += ["", "Prediction:", "", *_fenced(str(row.get("prediction", "")), "text"), ""]
+    return lines
 
-    lines += ["## Limitations", ""]
+
+def _limitations_section(data_cfg: dict, context) -> list[str]:
+    lines = ["## Limitations", ""]
     if context:
         max_seq_len = data_cfg.get("max_seq_len")
         lines.append(
@@ -216,7 +236,7 @@ def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_conf
         "- A small GPT-2-class model: not evaluated for safety, bias or factuality; not for production decisions."
     )
     lines += ["", "## Reproduce", "", *_fenced("hftoolkit train hftoolkit/config.yaml", "bash"), ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _usage_snippet(repo_id, template, stops, max_new_tokens, num_beams) -> str:

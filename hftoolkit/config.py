@@ -162,7 +162,7 @@ class TrainConfig:
     save_steps: int | None = None
     """Save a resumable checkpoint every N optimizer steps."""
     save_total_limit: int | None = 2
-    """Keep at most this many checkpoints (oldest deleted first; the best is kept if tracked)."""
+    """Keep at most this many checkpoints (the oldest are deleted first)."""
     resume_from_checkpoint: str | None = None
     """latest | PATH to a checkpoint folder."""
     overwrite_output_dir: bool = False
@@ -249,6 +249,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Long on purpose: one branch per field type the recipe schema uses (union, literal, nested, list, scalars).
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise UserError naming `key` and the expected type."""
     origin = typing.get_origin(tp)
@@ -407,6 +408,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     return recipe
 
 
+# Long on purpose: every cross-field and range check of a recipe lives here, in one place.
 def validate(r: Recipe) -> None:
     """Cross-field and range checks, all in one place. Each failure names the key and the fix."""
     from hftoolkit.tasks import TASKS

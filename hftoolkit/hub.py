@@ -167,6 +167,8 @@ def _check_repo_id(repo_id: Any) -> None:
 # Push
 
 
+# Long on purpose: each HTTP outcome of an attempt (refused, rejected, transient, last try) is decided where
+# the attempt is made, so the retry policy reads in one place.
 def push_run(
     run_dir: str | os.PathLike,
     repo_id: str,
@@ -191,18 +193,7 @@ def push_run(
     run_path = _check_run_dir(run_dir)
     _check_repo_id(repo_id)
     if dry_run:
-        target = run_path / DRY_RUN_DIR
-        # Staged next to its final place, then swapped in: an interrupted dry run leaves the old one intact.
-        staging = run_path / f".{DRY_RUN_DIR}.{os.getpid()}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            stage_upload(run_path, staging, repo_id=repo_id, token=token)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        return str(target)
+        return str(_dry_run(run_path, repo_id, token))
 
     secret = token or get_token()
     retry_command = f"hftoolkit push {run_path} --repo-id {repo_id}"
@@ -255,6 +246,22 @@ def push_run(
                 )
                 time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _dry_run(run_path: Path, repo_id: str, token: str | None) -> Path:
+    """Stage into RUN_DIR/hub_dry_run/: next to its final place, then swapped in, so an interrupted dry run
+    leaves the previous one intact."""
+    target = run_path / DRY_RUN_DIR
+    staging = run_path / f".{DRY_RUN_DIR}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        stage_upload(run_path, staging, repo_id=repo_id, token=token)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
 
 
 @contextlib.contextmanager

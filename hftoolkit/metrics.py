@@ -101,6 +101,7 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
+# Long on purpose: one branch per bundled metric, listing the settings that change its numbers.
 def describe(
     module: evaluate.EvaluationModule | str, nrefs: int | str | None = None, **compute_kwargs: Any
 ) -> dict[str, Any]:

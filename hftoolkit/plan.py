@@ -5,7 +5,9 @@ Usage: hftoolkit plan recipes/quickstart/qa.yaml data.max_seq_len=64
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -72,9 +74,6 @@ def memory_estimate(n_params: int, trainable: int, config, recipe: Recipe) -> di
 def plan(
     recipe: Recipe, examples: int = 2, color: bool = False, tokens_per_second: float | None = None
 ) -> None:
-    from hftoolkit.evaluation import compute_scores
-    from hftoolkit.modeling import count_parameters
-
     task = get_task(recipe.task)
     docs = field_docs()
     print(
@@ -101,8 +100,27 @@ def plan(
     for i in range(min(examples, len(train_ds))):
         print(f"  --- example {i} ({len(train_ds[i]['input_ids'])} tokens)")
         print("  " + render_example(tokenizer, train_ds[i], color).replace("\n", "\n  "))
+    _print_lengths(task, stats, len(train_raw), data_cfg.max_seq_len)
+    all_lengths = [len(x) for x in train_ds["input_ids"]]
+    total_steps, tok_per_step = _print_steps(recipe, all_lengths)
+    _print_model(recipe, model, ctx)
+    tps = tokens_per_second or _previous_throughput(out)
+    if tps:
+        print(
+            f"estimated training time at {tps:,.0f} tokens/s: {total_steps * tok_per_step / tps / 60:.1f} min (+ evaluation)"
+        )
+    else:
+        print(
+            "estimated time: unknown (no throughput figure yet: run a few steps, then plan again on the same output_dir)"
+        )
+    if task.generates:
+        _print_metric_check(recipe, task, splits["validation"].to_list()[:200])
+    hist = _save_histogram(all_lengths, data_cfg.max_seq_len, out / "plan" / "lengths.png")
+    print(f"\nlength histogram: {hist}")
 
-    print(f"\ntoken lengths ({len(train_raw)} training rows, data.max_seq_len={data_cfg.max_seq_len}):")
+
+def _print_lengths(task, stats, rows: int, max_seq_len: int) -> None:
+    print(f"\ntoken lengths ({rows} training rows, data.max_seq_len={max_seq_len}):")
     if task.tokenization == "completion":
         totals = [p + t for p, t in zip(stats.prompt_lengths, stats.target_lengths, strict=True)]
         print(f"  prompt: {length_summary(stats.prompt_lengths)}")
@@ -115,17 +133,17 @@ def plan(
         f"dropped: {stats.dropped} of {stats.examples}"
     )
 
-    t = recipe.train
-    import os
 
+def _print_steps(recipe: Recipe, lengths: list[int]) -> tuple[int, float]:
+    """Examples and tokens per optimizer step and in all → (total steps, tokens per step)."""
+    t = recipe.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_epoch = steps_per_epoch(
-        len(train_ds), t.per_device_train_batch_size, world, t.gradient_accumulation_steps
+        len(lengths), t.per_device_train_batch_size, world, t.gradient_accumulation_steps
     )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     ex_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
-    all_lengths = [len(x) for x in train_ds["input_ids"]]
-    mean_len = statistics.fmean(all_lengths)
+    mean_len = statistics.fmean(lengths)
     tok_per_step = ex_per_step * mean_len
     print("\nsteps:")
     print(
@@ -133,9 +151,15 @@ def plan(
         f"= {ex_per_step} examples per step ≈ {tok_per_step:,.0f} tokens (mean {mean_len:.0f} tokens/example)"
     )
     print(
-        f"  {len(train_ds)} examples → {per_epoch} steps per epoch; {total_steps} steps in all ≈ {total_steps * tok_per_step:,.0f} tokens"
+        f"  {len(lengths)} examples → {per_epoch} steps per epoch; {total_steps} steps in all ≈ {total_steps * tok_per_step:,.0f} tokens"
     )
+    return total_steps, tok_per_step
 
+
+def _print_model(recipe: Recipe, model, ctx) -> None:
+    from hftoolkit.modeling import count_parameters
+
+    t = recipe.train
     n_params, trainable = count_parameters(model)
     print(f"\nmodel: {n_params:,} parameters ({trainable:,} trainable), context {ctx}")
     mem = memory_estimate(n_params, trainable, model.config, recipe)
@@ -144,26 +168,17 @@ def plan(
     for k, v in mem.items():
         print(f"  {k}: {v:.3f} GiB")
     print(f"  total ≈ {sum(mem.values()):.3f} GiB")
-    tps = tokens_per_second or _previous_throughput(out)
-    if tps:
-        print(
-            f"estimated training time at {tps:,.0f} tokens/s: {total_steps * tok_per_step / tps / 60:.1f} min (+ evaluation)"
-        )
-    else:
-        print(
-            "estimated time: unknown (no throughput figure yet: run a few steps, then plan again on the same output_dir)"
-        )
 
-    if task.generates:
-        rows = splits["validation"].to_list()[:200]
-        refs = [task.references(r, data_cfg) for r in rows]
-        scores, _ = compute_scores(recipe.eval.metrics or list(task.metrics), [r[0] for r in refs], refs)
-        shown = ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
-        print(
-            f"\nmetric check, first reference scored against all references ({len(refs)} eval rows): {shown}"
-        )
-    hist = _save_histogram(all_lengths, data_cfg.max_seq_len, out / "plan" / "lengths.png")
-    print(f"\nlength histogram: {hist}")
+
+def _print_metric_check(recipe: Recipe, task, rows: list[dict]) -> None:
+    """The first reference scored against all references: what a perfect model would get (~100 when the
+    references are read and the metric is set up right)."""
+    from hftoolkit.evaluation import compute_scores
+
+    refs = [task.references(r, recipe.data) for r in rows]
+    scores, _ = compute_scores(recipe.eval.metrics or list(task.metrics), [r[0] for r in refs], refs)
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
+    print(f"\nmetric check, first reference scored against all references ({len(refs)} eval rows): {shown}")
 
 
 def _model_for_plan(recipe: Recipe, texts):
@@ -215,8 +230,6 @@ def _save_histogram(lengths: list[int], limit: int, path: Path) -> Path:
     ax.set_xlabel("tokens per training example (prompt + target + EOS)")
     ax.set_ylabel("examples")
     ax.legend()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     atomic_write_bytes(path, buf.getvalue())

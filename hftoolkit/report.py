@@ -20,7 +20,7 @@ from typing import Any
 
 from hftoolkit.atomic import atomic_write_bytes, atomic_write_text
 from hftoolkit.rundir import RunRecord, read_run
-from hftoolkit.tasks import lower_is_better
+from hftoolkit.tasks import TASKS, lower_is_better
 from hftoolkit.tasks.base import LOSS_METRICS
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def _series(lines: list[dict[str, Any]], key: str) -> tuple[list[int], list[floa
 
 def headline_metrics(run: RunRecord) -> list[str]:
     """What metric.png shows: perplexity for generation, else the task metrics the eval lines carry."""
-    if run.task == "generation":
+    task = TASKS.get(run.task)
+    if task is not None and not task.generates:  # scored by the eval loss alone
         return ["perplexity"]
     names = metric_names(*run.evals)
     return [
@@ -107,6 +108,7 @@ def headline_metrics(run: RunRecord) -> list[str]:
     ]
 
 
+# Long on purpose: the three plots and their series are declared together, next to the one drawing helper.
 def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     """loss.png, metric.png, throughput.png in RUN_DIR/plots/; a plot without data is skipped."""
     # The object-oriented API with an explicit Agg canvas: no pyplot, no global backend switch, thread-safe.

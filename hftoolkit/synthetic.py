@@ -238,8 +238,8 @@ def qa_rows(rng: random.Random, stream: str) -> Iterator[dict]:
 
 
 def _row_stream(task: str, stream: str) -> Iterator[dict]:
-    if task not in TASKS:
-        raise ValueError(f"unknown synthetic task {task!r} (choose from: {', '.join(TASKS)})")
+    if task not in _REGISTRY:
+        raise ValueError(f"unknown synthetic task {task!r} (choose from: {', '.join(_REGISTRY)})")
     rng = random.Random(f"hftoolkit.synthetic/{task}/{stream}")
     return _REGISTRY[task].synthetic_rows(rng, stream)
 

@@ -184,6 +184,7 @@ class StepLogger:
         self.t0 = time.perf_counter()
 
 
+# Long on purpose: THE loop, read top to bottom in one function (setup above it, helpers called from it).
 def train(recipe: Recipe) -> dict:
     """Fine-tune per the recipe; returns results.json's content."""
     from accelerate.utils import set_seed
@@ -254,20 +255,25 @@ def train(recipe: Recipe) -> dict:
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
     # ================================================================ end of the loop
+    return finish(run, progress, results)
 
-    if (
-        cfg.save_steps and progress.step % cfg.save_steps
-    ):  # a final checkpoint, unless that step just saved one
+
+def finish(run: Run, progress: Progress, results: dict) -> dict:
+    """After the last step: final checkpoint, final evaluation on the whole eval set, model/, results.json,
+    reports and model card, and the push when the recipe asks for it."""
+    acc, cfg, hub = run.accelerator, run.recipe.train, run.recipe.hub
+    # A final checkpoint, unless that step just saved one.
+    if cfg.save_steps and progress.step % cfg.save_steps:
         ckpt.save(run, progress)
     results["final"] = run.evaluate(step=progress.step, final=True, subset=False)
     run.save_model()
     results = run.write_results(results)
     if acc.is_main_process:
         run.write_reports()
-        if recipe.hub.push:
+        if hub.push:
             from hftoolkit.hub import push_run
 
-            url = push_run(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
+            url = push_run(run.out, hub.repo_id, private=hub.private, revision=hub.revision)
             acc.print(f"pushed to {url}")
     acc.wait_for_everyone()
     acc.end_training()

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 # ---------------------------------------------------------------------------------------------------------------
-# fake_run_dir: a finished summarization run directory (layout of CONTRACT.md) with a real, tiny GPT-2.
+# fake_run_dir: a finished summarization run directory (layout of docs/run-directory.md) with a real, tiny GPT-2.
 
 FAKE_RUN_BASELINE = {
     "rouge1": 5.0,

@@ -1,0 +1,85 @@
+"""The Task protocol is the one home of task knowledge: a task registered in hftoolkit.tasks.TASKS alone is
+accepted by the recipe, generates its synthetic data, trains, evaluates and gets its model card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from hftoolkit.config import load_recipe
+from hftoolkit.errors import UserError
+from hftoolkit.rundir import ModelInfo
+from hftoolkit.tasks import TASKS
+from hftoolkit.tasks.summarization import SummarizationTask
+from tests.conftest import tiny_overrides
+
+QS = "recipes/quickstart"
+
+
+class ReverseTask(SummarizationTask):
+    """A made-up task: write the words of a short text backwards. Defined here only, registered at run time."""
+
+    name = "reverse"
+    headline = "rougeL"
+    hub_task = ("text2text-generation", "Word Reversal")
+
+    def template(self, data_cfg):
+        from hftoolkit.tasks.base import PromptTemplate
+
+        return PromptTemplate("{document}\nReversed:", source_field="document")
+
+    def synthetic_rows(self, rng, stream):
+        words = ["red", "fox", "runs", "far", "blue", "cat", "sleeps", "here"]
+        while True:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 5)))
+            yield {"document": text, "summary": " ".join(reversed(text.split()))}
+
+
+@pytest.fixture
+def reverse_task(monkeypatch):
+    monkeypatch.setitem(TASKS, "reverse", ReverseTask())
+
+
+def test_a_task_registered_alone_trains_end_to_end(reverse_task, tmp_path, cli):
+    """If this fails, adding a task needs edits outside tasks/ again (a task-name list in config, synthetic data,
+    the card's task type, the evaluation or report code)."""
+    out = tmp_path / "run"
+    code, _, err = cli("train", f"{QS}/summarization.yaml", *tiny_overrides(out), "task=reverse")
+    assert code == 0, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["task"] == "reverse"
+    rows = [json.loads(line) for line in (out / "synthetic_data" / "train.jsonl").read_text().splitlines()]
+    assert rows[0]["summary"].split() == rows[0]["document"].split()[::-1]
+    assert ModelInfo.read(out / "model").prompt_template == "{document}\nReversed:"
+    card = (out / "README.md").read_text()
+    assert "text2text-generation" in card and "Word Reversal" in card
+    assert "rougeL" in json.loads((out / "results.json").read_text())["final"]
+
+
+def test_unknown_task_names_the_registered_ones(tmp_path):
+    """If this fails, `task:` is checked against a list that can drift from the registry."""
+    path = tmp_path / "r.yaml"
+    path.write_text("task: poetry\ndata: {synthetic: {}}\n")
+    with pytest.raises(
+        UserError, match=r"^task: expected one of 'generation' \| 'summarization' \| 'translation'"
+    ):
+        load_recipe(path)
+
+
+def test_config_yaml_is_the_resolved_recipe(tmp_path, cli):
+    """If this fails, config.yaml is written before the task fills in what it derives (the synthetic
+    translation languages), so `hftoolkit train OUTPUT_DIR/config.yaml` would not describe the run."""
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(out), "data.source_lang=null", "data.target_lang=null", "train.max_steps=1"]
+    code, _, err = cli("train", f"{QS}/translation.yaml", *overrides, "eval.baseline=false")
+    assert code == 0, err
+    data = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert (data["source_lang"], data["target_lang"]) == ("en", "xx")
+
+
+def test_model_info_that_does_not_parse_is_one_line(tmp_path):
+    """If this fails, a corrupt model/hftoolkit.json gives a traceback in `generate`, `merge` or the card."""
+    (tmp_path / "hftoolkit.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"hftoolkit.json is not valid JSON .*: fix it or re-save the model"):
+        ModelInfo.read(tmp_path)
