@@ -1,14 +1,16 @@
 """Side-by-side speed benchmarks: hftoolkit against what a user would otherwise run, on one machine, in one run.
 
-Usage: python benchmarks/run.py [--quick] [--out FILE.json]
+Usage: python benchmarks/run.py [--quick | --smoke] [--out FILE.json] [--skip train eval flops]
 
-a. training examples/s: hftoolkit's loop (tokenize_split → build_train_loader with the packing collator →
-   backward_window → clip → AdamW step, under the Accelerator hftoolkit builds) against transformers.Trainer
-   with DataCollatorForSeq2Seq (dynamic padding, label_pad_token_id=-100). Same model init, same tokenized
-   examples in the same order, same batch, same AdamW/lr/schedule/clipping, dropout 0, no eval.
-b. generation-based eval: hftoolkit.evaluation.generate_predictions (length-sorted batches, stop strings)
-   against an examples-style loop (dataset order, left-padded batches, model.generate, cut at the stop string
-   afterwards). Same model, same prompt token ids, same max_new_tokens, greedy.
+a. training examples/s: hftoolkit's own setup and step, called from the library (make_accelerator,
+   prepare_model, build_train_loader with the packing collator, build_optimizer, build_scheduler, then
+   epoch_windows → optimizer_step) against transformers.Trainer with DataCollatorForSeq2Seq (dynamic padding,
+   label_pad_token_id=-100). Same model init, same tokenized examples in the same order, same batch, same
+   AdamW/lr/schedule/clipping, dropout 0, no eval.
+b. generation-based eval: the generation setup of a run (build_generation_eval: decoding, prompts, token-budget
+   batches) and generate_predictions, against an examples-style loop (dataset order, left-padded batches,
+   model.generate, cut at the stop string afterwards). Same model, same prompt token ids, same max_new_tokens,
+   greedy.
 c. CPU FLOP/s of a GPT-2-124M-shape training step against the fp32 matmul peak measured in the same run.
 
 Not part of the test suite. See benchmarks/README.md for what each number means and the last measured figures.
@@ -29,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -96,14 +99,10 @@ class Bench:
     eval_rows: list[dict]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_benches(settings: dict) -> list[Bench]:
     """The real datasets under ../shared/data (skipped with a message when absent) and synthetic QA."""
     from hftoolkit import synthetic
+    from hftoolkit.rundir import read_jsonl
 
     n_train, n_eval = settings["train_examples"], settings["eval_prompts"]
     benches = []
@@ -175,14 +174,35 @@ def make_recipe(bench: Bench, settings: dict, output_dir: str):
     )
 
 
-def new_model(recipe, tokenizer):
-    """The same initial weights every call (create_model seeds torch itself); dropout 0."""
-    from hftoolkit.modeling import create_model, set_dropout
+def new_model(recipe, task):
+    """The model as a run loads it (hftoolkit.run.load_model): the same initial weights every call (create_model
+    seeds torch itself), dropout 0."""
+    from hftoolkit.run import load_model
 
-    init = recipe.model.init
-    model = create_model(init.preset, tokenizer, init.n_positions, seed=recipe.seed)
-    set_dropout(model, recipe.model.dropout)
-    return model
+    return load_model(recipe, task, {})[0]  # {}: no splits needed (the GPT-2 BPE is not trained)
+
+
+class Prepared(NamedTuple):
+    """One dataset set up as a run sets it up; shared by both training sides, the diagnostics and the eval."""
+
+    recipe: Any
+    task: Any
+    tokenizer: Any
+    train_ds: Any  # tokenized training examples (packing on)
+    stats: Any
+
+
+def tokenize_bench(bench: Bench, settings: dict, tokenizer, workdir: Path) -> Prepared:
+    from datasets import Dataset
+
+    from hftoolkit.data import tokenize_split
+    from hftoolkit.run import resolve_recipe
+
+    recipe = make_recipe(bench, settings, str(workdir / f"{bench.name}-ours"))
+    task, data = resolve_recipe(recipe), recipe.data
+    rows = Dataset.from_list(bench.train_rows)
+    train_ds, stats = tokenize_split(task, tokenizer, rows, data, data.max_seq_len, data.packing)
+    return Prepared(recipe, task, tokenizer, train_ds, stats)
 
 
 # --------------------------------------------------------------------------------------------- a. training
@@ -197,43 +217,38 @@ def padded_tokens(lengths: list[int], batch_size: int) -> int:
 
 
 def train_hftoolkit(recipe, model, train_ds, tokenizer, epoch: int = 0) -> dict:
-    """hftoolkit's hot loop, line for line as in hftoolkit.train.train (minus logging, eval and checkpoints)."""
+    """One epoch of hftoolkit's training step, set up and called through the library as hftoolkit.train.train
+    does (minus logging, eval and checkpoints): the Accelerator, the model prepared as prepare_run prepares it
+    (packing probe, speed_up), the packed train loader, the optimizer and schedule, then epoch_windows →
+    optimizer_step. The Trainer side gets the stock model."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
-    from hftoolkit import train
+    from hftoolkit.checkpoint import Progress
     from hftoolkit.data import build_train_loader, steps_per_epoch
-    from hftoolkit.run import make_accelerator
-    from hftoolkit.speedups import packing_keeps_examples_apart, speed_up
+    from hftoolkit.run import make_accelerator, prepare_model
+    from hftoolkit.train import build_optimizer, build_scheduler, epoch_windows, optimizer_step
 
     cfg, data = recipe.train, recipe.data
     acc = make_accelerator(recipe)
-    # What prepare_run does to the model (the Trainer side gets the plain model): packing verified to keep
-    # examples apart, then speed_up (no per-forward pad check, fused GELU, LM head only at target positions).
-    assert packing_keeps_examples_apart(model)
-    targets_only = speed_up(model)
+    model, packing, targets_only = prepare_model(model, recipe, acc)
+    assert packing, "the packing probe turned packing off: the comparison below assumes packed batches"
+    batch = cfg.per_device_train_batch_size
     loader = build_train_loader(
-        train_ds, cfg.per_device_train_batch_size, recipe.seed, True, tokenizer.pad_token_id, data.max_seq_len
+        train_ds, batch, recipe.seed, packing, tokenizer.pad_token_id, data.max_seq_len, acc.num_processes
     )
-    total_steps = steps_per_epoch(len(train_ds), cfg.per_device_train_batch_size, acc.num_processes, 1)
-    optimizer = train.build_optimizer(model, cfg, acc.device)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=total_steps
-    )
+    total_steps = steps_per_epoch(len(train_ds), batch, acc.num_processes, cfg.gradient_accumulation_steps)
+    optimizer = build_optimizer(model, cfg, acc.device)
+    scheduler = build_scheduler(optimizer, cfg, total_steps, acc.num_processes)
     model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
     set_seed(recipe.seed)
     model.train()
-    loader.set_epoch(epoch)
     losses, computed, real = [], 0, 0
     clock = Clock()
-    for batch in loader:
-        losses.append(train.backward_window(acc, model, [batch], targets_only).detach())
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        computed += batch["input_ids"].numel()
-        real += int(batch["num_tokens"])
+    for window in epoch_windows(loader, Progress(epoch=epoch), cfg.gradient_accumulation_steps):
+        loss, _ = optimizer_step(acc, model, window, optimizer, scheduler, cfg.max_grad_norm, targets_only)
+        losses.append(loss)
+        computed += sum(b["input_ids"].numel() for b in window)
+        real += sum(int(b["num_tokens"]) for b in window)
         clock.step_done()
     return clock.result() | {
         "steps": len(losses),
@@ -375,26 +390,19 @@ def combine_runs(runs: list[dict]) -> dict:
     }
 
 
-def bench_training(
-    bench: Bench, settings: dict, tokenizer, workdir: Path, ours_first: bool
-) -> tuple[dict, object]:
-    from datasets import Dataset
+def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Path, ours_first: bool):
+    """(a) for one dataset → (figures, the model hftoolkit's last run trained)."""
+    from hftoolkit.data import build_train_loader
 
-    from hftoolkit.data import EpochSampler, tokenize_split
-    from hftoolkit.tasks import get_task
-
-    recipe = make_recipe(bench, settings, str(workdir / f"{bench.name}-ours"))
-    task = get_task(recipe.task)
-    train_ds, stats = tokenize_split(
-        task, tokenizer, Dataset.from_list(bench.train_rows), recipe.data, recipe.data.max_seq_len, True
-    )
+    recipe, task, tokenizer, train_ds, stats = prepared
     lengths = [len(ids) for ids in train_ds["input_ids"]]
     batch = recipe.train.per_device_train_batch_size
     # The order hftoolkit's sampler draws for epoch 0 (packing: plain seeded shuffle); Trainer gets the same.
-    order = list(EpochSampler(lengths, recipe.seed, shuffle=True, group_by_length=False, batch_size=batch))
+    pad, row_len = tokenizer.pad_token_id, recipe.data.max_seq_len
+    order = list(build_train_loader(train_ds, batch, recipe.seed, True, pad, row_len).sampler)
 
     def run(side: str) -> dict:
-        model = new_model(recipe, tokenizer)
+        model = new_model(recipe, task)
         if side == "hf_trainer":
             return train_hf_trainer(
                 recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-hf")
@@ -442,7 +450,7 @@ def bench_training(
         f"(ratio {out['final_loss_ratio']:.4f}, max per-step diff {out['per_step_loss_max_rel_diff']:.2%})"
     )
     print(line, flush=True)
-    return out, (recipe, train_ds, ours["model"])
+    return out, ours["model"]
 
 
 # --------------------------------------------------------------------------------------------- diagnostics
@@ -459,7 +467,7 @@ def alternate_best(fns: dict, reps: int = 5) -> dict:
     return {name: min(t) for name, t in times.items()}
 
 
-def diagnose_training(recipe, tokenizer, train_ds) -> dict:
+def diagnose_training(prepared: Prepared) -> dict:
     """Where a step's time goes, each piece timed alone on one real packed batch, variants in alternation: the LM
     head + loss at every position (token_losses without the targets-only forward; HF's ForCausalLMLoss) and at
     target positions only (what hftoolkit's forward does), and the transformer body with the block-causal mask that
@@ -469,7 +477,8 @@ def diagnose_training(recipe, tokenizer, train_ds) -> dict:
 
     from hftoolkit.data import pack_collate
 
-    model = new_model(recipe, tokenizer)
+    recipe, task, tokenizer, train_ds, _ = prepared
+    model = new_model(recipe, task)
     model.train()
     feats = [train_ds[i] for i in range(min(recipe.train.per_device_train_batch_size, len(train_ds)))]
     batch = pack_collate(feats, tokenizer.pad_token_id, recipe.data.max_seq_len)
@@ -531,9 +540,12 @@ def diagnose_training(recipe, tokenizer, train_ds) -> dict:
     return out
 
 
-def train_more(recipe, model, train_ds, tokenizer, epochs: int):
-    """Extra epochs with hftoolkit's loop so the eval model ends its completions (EOS) some of the time."""
-    for epoch in range(1, epochs):
+def eval_model(prepared: Prepared, trained, epochs: int):
+    """The model (b) evaluates: `epochs` epochs of hftoolkit's training step, untimed. `trained` is the model (a)
+    trained for one epoch; None when (a) was skipped, and then every epoch runs here from the initial weights."""
+    recipe, task, tokenizer, train_ds, _ = prepared
+    model, done = (trained, 1) if trained is not None else (new_model(recipe, task), 0)
+    for epoch in range(done, epochs):
         model = train_hftoolkit(recipe, model, train_ds, tokenizer, epoch)["model"]
     return model
 
@@ -541,26 +553,25 @@ def train_more(recipe, model, train_ds, tokenizer, epochs: int):
 # --------------------------------------------------------------------------------------------- b. evaluation
 
 
-def eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe, prompt_budget: int) -> dict:
-    """hftoolkit's eval as Run.evaluate runs it: batches sized by the recipe's token budget, then
-    generate_predictions."""
-    from accelerate import Accelerator
+def eval_hftoolkit(run) -> dict:
+    """hftoolkit's eval as Run.evaluate runs it: generate_predictions over the batches build_generation_eval
+    sized by the recipe's token budget (scoring left out: both sides would score alike)."""
+    from hftoolkit.evaluation import generate_predictions
 
-    from hftoolkit.evaluation import build_generation_loader, generate_predictions, generation_batch_sizes
-
-    acc = Accelerator(cpu=True)
+    loader = run.gen_loaders["full"]
     start = time.perf_counter()
-    sizes = generation_batch_sizes(recipe.eval, prompt_budget, decoding.max_new_tokens)
-    loader = build_generation_loader(acc, gen_set, **sizes)
-    preds = generate_predictions(acc, model, tokenizer, task, gen_set, loader, decoding)
+    preds = generate_predictions(
+        run.accelerator, run.model, run.tokenizer, run.task, run.gen_set, loader, run.decoding
+    )
     elapsed = time.perf_counter() - start
+    batches = [[run.gen_set.prompts[i] for i in b] for b in loader]
     return {
         "seconds": elapsed,
         "predictions": [p["prediction"] for p in preds],
         "stopped_fraction": sum(p["stopped"] for p in preds) / len(preds),
-        "prompt_padding_fraction": prompt_padding([[gen_set.prompts[i] for i in b] for b in loader]),
+        "prompt_padding_fraction": prompt_padding(batches),
         "batch_rows": [len(b) for b in loader],
-        "batch_token_budget": sizes["budget"],
+        "max_batch_kv_tokens": max_kv_tokens(batches, run.decoding.max_new_tokens),
     }
 
 
@@ -587,13 +598,13 @@ def eval_examples_loop(model, tokenizer, task, prompts: list[list[int]], decodin
     elapsed = time.perf_counter() - start
     tokenizer.padding_side = "right"
     model.train()
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     return {
         "seconds": elapsed,
         "predictions": preds,
-        "prompt_padding_fraction": prompt_padding(
-            [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-        ),
-        "batch_rows": [len(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)],
+        "prompt_padding_fraction": prompt_padding(batches),
+        "batch_rows": [len(b) for b in batches],
+        "max_batch_kv_tokens": max_kv_tokens(batches, decoding.max_new_tokens),
     }
 
 
@@ -601,6 +612,11 @@ def prompt_padding(batches: list[list[list[int]]]) -> float:
     """Share of the prefill's positions that are left padding."""
     real = sum(len(p) for b in batches for p in b)
     return 1 - real / sum(max(map(len, b)) * len(b) for b in batches)
+
+
+def max_kv_tokens(batches: list[list[list[int]]], new_tokens: int) -> int:
+    """The largest KV cache of a batch, in token positions: rows × (its longest prompt + new tokens)."""
+    return max(len(b) * (max(map(len, b)) + new_tokens) for b in batches)
 
 
 @contextlib.contextmanager
@@ -615,27 +631,29 @@ def count_forwards(model):
 
 
 def bench_eval(
-    bench: Bench, recipe, model, tokenizer, batch_size: int, repeats: int, ours_first: bool
+    bench: Bench, prepared: Prepared, model, batch_size: int, repeats: int, ours_first: bool
 ) -> dict:
-    from hftoolkit.evaluation import build_generation_set, default_max_new_tokens
-    from hftoolkit.generation import Decoding
-    from hftoolkit.modeling import context_length
-    from hftoolkit.tasks import get_task
+    from datasets import Dataset
 
-    task = get_task(recipe.task)
+    from hftoolkit.modeling import context_length
+    from hftoolkit.run import Run, build_generation_eval, make_accelerator
+
+    recipe, task, tokenizer, _, _ = prepared
     # The trained model carries hftoolkit's targets-only forward, which only training calls (generate goes through
     # the class forward). Both sides get the stock forward here.
     model.__dict__.pop("forward", None)
-    refs = [task.references(r, recipe.data) for r in bench.eval_rows]
-    max_new = default_max_new_tokens(tokenizer, refs)
-    decoding = Decoding(max_new_tokens=max_new, stop_strings=tuple(task.stop_strings))
-    budget = min(recipe.data.max_seq_len, context_length(model) - max_new)
-    gen_set = build_generation_set(task, tokenizer, bench.eval_rows, recipe.data, budget)
+    # The generation setup of a run, as prepare_run builds it: decoding (max_new_tokens from the references, the
+    # task's stop strings), the prompts (truncated to fit), and their token-budget batches.
+    gen = Run(recipe, make_accelerator(recipe), task, model, tokenizer, context=context_length(model))
+    build_generation_eval(gen, Dataset.from_list(bench.eval_rows))
+    gen_set, decoding = gen.gen_set, gen.decoding
+    assert decoding.num_beams == 1 and not decoding.do_sample, "the examples loop decodes greedily"
+    max_new = decoding.max_new_tokens
 
     def run(side: str) -> dict:
         with count_forwards(model) as calls:
             if side == "hftoolkit":
-                result = eval_hftoolkit(model, tokenizer, task, gen_set, decoding, recipe, budget)
+                result = eval_hftoolkit(gen)
             else:
                 result = eval_examples_loop(model, tokenizer, task, gen_set.prompts, decoding, batch_size)
         return result | {"forward_calls": calls[0]}
@@ -667,7 +685,7 @@ def bench_eval(
             "seconds_all_runs": [r["seconds"] for r in runs["hftoolkit"]],
             "prompt_padding_fraction": ours["prompt_padding_fraction"],
             "batch_rows": ours["batch_rows"],
-            "batch_token_budget": ours["batch_token_budget"],
+            "max_batch_kv_tokens": ours["max_batch_kv_tokens"],
             "stopped_fraction": ours["stopped_fraction"],
             "forward_calls": ours["forward_calls"],
         },
@@ -677,6 +695,7 @@ def bench_eval(
             "seconds_all_runs": [r["seconds"] for r in runs["examples_loop"]],
             "prompt_padding_fraction": loop["prompt_padding_fraction"],
             "batch_rows": loop["batch_rows"],
+            "max_batch_kv_tokens": loop["max_batch_kv_tokens"],
             "forward_calls": loop["forward_calls"],
         },
         "speedup": loop["seconds"] / ours["seconds"],
@@ -749,8 +768,7 @@ def adamw_copy(optimizer, fused: bool | None):
 
 
 def step_throughput(
-    model,
-    tokenizer,
+    gpt2: tuple,
     batch: int,
     seq_len: int,
     steps: int,
@@ -758,17 +776,20 @@ def step_throughput(
     profile: bool = False,
     compare_adamw: bool = False,
 ) -> dict:
-    """tokens/s of hftoolkit's training step (backward_window + clip + AdamW from build_optimizer) on random GPT-2
-    token ids; with `profile`, one more untimed forward+backward under torch.profiler says where the time goes."""
-    from accelerate import Accelerator
-
-    from hftoolkit.config import TrainConfig
+    """tokens/s of hftoolkit's training step on random GPT-2 token ids: the calls of hftoolkit.train.optimizer_step
+    (backward_window, clip, build_optimizer's AdamW, build_scheduler's schedule), each timed on its own, under
+    make_accelerator's Accelerator. `gpt2`: (recipe, model, tokenizer, targets_only). With `profile`, one more
+    untimed forward+backward under torch.profiler says where the time goes."""
+    from hftoolkit.run import make_accelerator
     from hftoolkit.speedups import target_positions
-    from hftoolkit.train import backward_window, build_optimizer
+    from hftoolkit.train import backward_window, build_optimizer, build_scheduler
 
-    acc = Accelerator(cpu=True)
-    optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-5), acc.device)
-    model, optimizer = acc.prepare(model, optimizer)
+    recipe, model, tokenizer, targets_only = gpt2
+    cfg = recipe.train
+    acc = make_accelerator(recipe)
+    optimizer = build_optimizer(model, cfg, acc.device)
+    scheduler = build_scheduler(optimizer, cfg, steps + 1, acc.num_processes)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     model.train()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (batch, seq_len), generator=gen)
@@ -777,15 +798,16 @@ def step_throughput(
 
     def forward_backward():
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            backward_window(acc, model, [data], targets_only=True)
+            backward_window(acc, model, [data], targets_only)
 
-    def step() -> dict:
+    def step() -> dict:  # optimizer_step, timed call by call
         t0 = time.perf_counter()
         forward_backward()
         t1 = time.perf_counter()
-        acc.clip_grad_norm_(model.parameters(), 1.0)
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         t2 = time.perf_counter()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         return {"forward_backward_s": t1 - t0, "clip_s": t2 - t1, "optimizer_s": t3 - t2, "step_s": t3 - t0}
@@ -834,35 +856,48 @@ def step_throughput(
     return out
 
 
-def bench_flops(settings: dict, tokenizer) -> dict:
+def bench_flops(settings: dict, workdir: Path) -> dict:
+    from hftoolkit.config import load_recipe
     from hftoolkit.flops import flops_per_token
-    from hftoolkit.modeling import create_model, set_dropout
-    from hftoolkit.speedups import speed_up
+    from hftoolkit.run import load_model, make_accelerator, prepare_model, resolve_recipe
 
     f = settings["flops"]
     batch, seq_len = f["batch"], f["seq_len"]
     cores = os.cpu_count() or 1
     default_threads = torch.get_num_threads()
+    recipe = load_recipe(
+        None,
+        [
+            "task=generation",
+            "seed=0",
+            f"output_dir={workdir / 'flops'}",
+            "model.init={preset: gpt2, tokenizer: gpt2}",
+            "model.dropout=0.0",
+            "data.synthetic={num_train: 8}",  # not read: the step runs on random token ids
+            "train.learning_rate=1e-5",
+        ],
+    )
+    task = resolve_recipe(recipe)
 
-    def gpt2():
-        model = create_model("gpt2", tokenizer, seed=0)
-        set_dropout(model, 0.0)
-        speed_up(model)  # as every hftoolkit run does
-        return model
+    def gpt2() -> tuple:
+        """A fresh model, loaded and prepared as a run does it (load_model, then prepare_model: speed_up)."""
+        model, tokenizer = load_model(recipe, task, {})
+        model, _, targets_only = prepare_model(model, recipe, make_accelerator(recipe))
+        return recipe, model, tokenizer, targets_only
 
     peaks = [matmul_peak()]
-    model = gpt2()
+    setup = gpt2()
+    model = setup[1]
     flops_token = flops_per_token(model, seq_len)
-    base = step_throughput(
-        model, tokenizer, batch, seq_len, f["steps"], profile=f["levers"], compare_adamw=f["levers"]
-    )
+    base = step_throughput(setup, batch, seq_len, f["steps"], profile=f["levers"], compare_adamw=f["levers"])
     peaks.append(matmul_peak())  # before and after the steps: the larger one is the (conservative) peak
     peak32 = max(peaks)
     achieved = base["tokens_per_s"] * flops_token
     rows = batch * seq_len
     out = {
-        "model": "GPT-2 124M shape (12×768, 50257 vocab), fp32, SDPA, dropout 0, hftoolkit.speedups.speed_up; "
-        "hftoolkit backward_window + clip + AdamW from hftoolkit.train.build_optimizer (fused)",
+        "model": "GPT-2 124M shape (12×768, 50257 vocab), fp32, SDPA, dropout 0, hftoolkit.run.load_model + "
+        "prepare_model (speed_up); optimizer_step's calls: backward_window + clip + build_optimizer's AdamW (fused) "
+        "+ build_scheduler's schedule",
         "params": sum(p.numel() for p in model.parameters()),
         "flops_per_token": flops_token,
         "fp32_matmul_peak_flops": peak32,
@@ -892,7 +927,7 @@ def bench_flops(settings: dict, tokenizer) -> dict:
     levers: dict = {}
     if default_threads != cores:
         torch.set_num_threads(cores)
-        r = step_throughput(model, tokenizer, batch, seq_len, f["steps"])
+        r = step_throughput(setup, batch, seq_len, f["steps"])
         levers["set_num_threads_cores"] = r | {"vs_fp32_peak": r["tokens_per_s"] * flops_token / peak32}
         torch.set_num_threads(default_threads)
     else:
@@ -910,11 +945,11 @@ def bench_flops(settings: dict, tokenizer) -> dict:
             "adamw_step_s": base["adamw_step_s"],
             "vs_fp32_peak": rows / step_s * flops_token / peak32,
         }
-    r = step_throughput(model, tokenizer, batch * 2, seq_len, 2)
+    r = step_throughput(setup, batch * 2, seq_len, 2)
     levers["batch_x2"] = r | {"vs_fp32_peak": r["tokens_per_s"] * flops_token / peak32}
     peak16 = matmul_peak(torch.bfloat16, n=1024, reps=3, inner=2)
     if peak16 > 1.1 * peak32:
-        r = step_throughput(gpt2(), tokenizer, batch, seq_len, 1, bf16=True)
+        r = step_throughput(gpt2(), batch, seq_len, 1, bf16=True)
         levers["bf16_autocast"] = r | {
             "bf16_matmul_peak_flops": peak16,
             "vs_fp32_peak": r["tokens_per_s"] * flops_token / peak32,
@@ -979,7 +1014,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny settings: check that every path runs")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["train", "eval", "flops"], help="parts to skip"
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["train", "eval", "flops"],
+        help="parts to skip. `train` skips the training comparison (a) and its diagnostics; the eval (b) still "
+        "trains the model it evaluates, untimed, with hftoolkit's step only (no Trainer, no repeats). Skip "
+        "train and eval to tokenize and train nothing",
     )
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -995,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     started = time.perf_counter()
     load_before = load_average()
+    # One tokenizer for every dataset, as before: generate_batch caches its stop-token table per tokenizer object.
     tokenizer = prepare_tokenizer(gpt2_tokenizer(), "gpt2")
     report: dict = {
         "mode": mode,
@@ -1015,32 +1057,24 @@ def main(argv: list[str] | None = None) -> int:
     benches = load_benches(settings)
     train_results, eval_results = {}, {}
     with tempfile.TemporaryDirectory(prefix="hftoolkit-bench-") as tmp:
-        for k, bench in enumerate(benches):
-            if "train" in args.skip and "eval" in args.skip:
-                break
-            train_out, (recipe, train_ds, model) = bench_training(
-                bench, settings, tokenizer, Path(tmp), k % 2 == 0
-            )
+        for k, bench in enumerate(benches if {"train", "eval"} - set(args.skip) else []):
+            prepared = tokenize_bench(bench, settings, tokenizer, Path(tmp))
+            model = None
             if "train" not in args.skip:
-                train_results[bench.name] = train_out
+                train_results[bench.name], model = bench_training(
+                    bench, prepared, settings, Path(tmp), k % 2 == 0
+                )
                 if k == 0:
-                    report["train_diagnostics"] = {"dataset": bench.name} | diagnose_training(
-                        recipe, tokenizer, train_ds
-                    )
+                    report["train_diagnostics"] = {"dataset": bench.name} | diagnose_training(prepared)
             if "eval" not in args.skip:
-                model = train_more(recipe, model, train_ds, tokenizer, settings["eval_model_epochs"])
+                epochs = settings["eval_model_epochs"]
+                model = eval_model(prepared, model, epochs)
                 eval_results[bench.name] = bench_eval(
-                    bench,
-                    recipe,
-                    model,
-                    tokenizer,
-                    settings["eval_batch_size"],
-                    settings["eval_repeats"],
-                    k % 2 == 1,
+                    bench, prepared, model, settings["eval_batch_size"], settings["eval_repeats"], k % 2 == 1
                 )
                 eval_results[bench.name]["model"] = (
-                    f"{settings['preset']} preset trained {settings['eval_model_epochs']} epoch(s) on the "
-                    f"{train_out['examples']} training examples with hftoolkit's loop"
+                    f"{settings['preset']} preset trained {epochs} epoch(s) on the {len(prepared.train_ds)} "
+                    "training examples with hftoolkit's training step"
                 )
     if train_results:
         report["train"] = train_results
@@ -1054,7 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
         report["eval_speedup_vs_examples_loop"] = geomean([r["speedup"] for r in eval_results.values()])
         report["eval_predictions_identical"] = all(r["predictions_identical"] for r in eval_results.values())
     if "flops" not in args.skip:
-        report["cpu_flops"] = bench_flops(settings, tokenizer)
+        with tempfile.TemporaryDirectory(prefix="hftoolkit-bench-") as tmp:
+            report["cpu_flops"] = bench_flops(settings, Path(tmp))
         report["cpu_mfu_vs_matmul_peak"] = report["cpu_flops"]["cpu_mfu_vs_matmul_peak"]
     report["machine"]["load_average_after"] = load_average()
     report["code_after"] = code_version()  # changed during the run if it differs from "code"

@@ -96,6 +96,20 @@ def backward_window(acc, model, window: list[dict], targets_only: bool = False) 
     return acc.reduce(total, "sum") / n_targets if acc.num_processes > 1 else total / n_targets
 
 
+def build_scheduler(optimizer, cfg, total_steps: int, num_processes: int):
+    """transformers.get_scheduler for `total_steps` optimizer steps with cfg's type and warmup."""
+    from transformers import get_scheduler
+
+    # The prepared scheduler steps num_processes times per optimizer step (accelerate counts schedules in
+    # single-process batches), so warmup and length are given in those units: same LR curve on 1 or N processes.
+    return get_scheduler(
+        cfg.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps) * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
 def optimizer_step(acc, model, window, optimizer, scheduler, max_grad_norm: float, targets_only: bool):
     """One optimizer step over a window of micro-batches → (mean token loss, pre-clip gradient norm or None).
 
@@ -188,7 +202,6 @@ class StepLogger:
 def train(recipe: Recipe) -> dict:
     """Fine-tune per the recipe; returns results.json's content."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     run: Run = prepare_run(recipe, mode="train")
     acc, cfg, out = run.accelerator, recipe.train, run.out
@@ -196,14 +209,7 @@ def train(recipe: Recipe) -> dict:
         cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * run.steps_per_epoch)
     )
     optimizer = build_optimizer(run.model, cfg, acc.device)
-    # The prepared scheduler steps num_processes times per optimizer step (accelerate counts schedules in
-    # single-process batches), so warmup and length are given in those units: same LR curve on 1 or N processes.
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * total_steps) * acc.num_processes,
-        num_training_steps=total_steps * acc.num_processes,
-    )
+    scheduler = build_scheduler(optimizer, cfg, total_steps, acc.num_processes)
     # prepare: wraps the model (DDP/FSDP/DeepSpeed), shards the loaders, and makes the optimizer/scheduler
     # step only on real optimizer steps (the scheduler is stepped once per optimizer step below).
     model, optimizer, train_loader, scheduler = acc.prepare(run.model, optimizer, run.train_loader, scheduler)
