@@ -155,7 +155,8 @@ def check_columns(task, data_cfg, ds, split: str) -> None:
                 f"data: column '{name}' not in the {split} data (columns: {', '.join(columns)}); "
                 "set the task's column key (e.g. data.text_column)"
             )
-    task.fields(ds[0], data_cfg)  # language keys, dict layouts: fail on row 0 rather than mid-map
+    # Language keys, dict layouts, template placeholders: fail on row 0 rather than mid-map.
+    task.template(data_cfg).check(list(task.fields(ds[0], data_cfg)))
     task.references(ds[0], data_cfg)
 
 
@@ -169,7 +170,8 @@ class Stats:
     examples: int = 0
     source_truncated: int = 0
     target_truncated: int = 0
-    dropped: int = 0
+    dropped: int = 0  # not trained on: the template alone does not fit, or the target is empty
+    empty_target: int = 0  # of the dropped: rows whose target is empty (a missing or blank cell)
     prompt_lengths: list[int] = field(default_factory=list)
     target_lengths: list[int] = field(default_factory=list)
 
@@ -194,7 +196,7 @@ def encode_prompts(task, template, tokenizer, rows: list[dict], data_cfg, budget
     return out
 
 
-STAT_COLUMNS = ("prompt_len", "target_len", "source_truncated", "target_truncated", "dropped")
+STAT_COLUMNS = ("prompt_len", "target_len", "source_truncated", "target_truncated", "dropped", "empty_target")
 
 
 def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max_len: int) -> list[dict]:
@@ -202,13 +204,16 @@ def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max
     eos = tokenizer.eos_token_id
     pieces = [template.pieces(task.fields(r, data_cfg)) for r in rows]
     pre, src, suf = (_ids(tokenizer, [p[i] for p in pieces]) for i in range(3))
-    tgt = _ids(tokenizer, [template.target_prefix + task.target(r, data_cfg) for r in rows])
+    texts = [task.target(r, data_cfg) for r in rows]
+    tgt = _ids(tokenizer, [template.target_prefix + text for text in texts])
     examples = []
-    for a, s, b, t in zip(pre, src, suf, tgt, strict=True):
+    for a, s, b, t, text in zip(pre, src, suf, tgt, texts, strict=True):
         fixed = len(a) + len(b)
         target = t + [eos]
-        stat = {"source_truncated": False, "target_truncated": False, "dropped": False}
-        if fixed + 1 > max_len:
+        stat = {"source_truncated": False, "target_truncated": False, "dropped": False, "empty_target": False}
+        # An empty target would teach the model to stop at once; fitting nothing: either way, counted and dropped.
+        empty = not text.strip()
+        if empty or fixed + 1 > max_len:
             # The template alone does not fit: nothing sensible to train on. Kept as a row so it is counted.
             examples.append(
                 {
@@ -218,6 +223,7 @@ def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max
                     "target_len": len(target),
                     **stat,
                     "dropped": True,
+                    "empty_target": empty,
                 }
             )
             continue
@@ -241,7 +247,7 @@ def encode_documents(task, tokenizer, rows: list[dict], data_cfg, max_len: int, 
     every document (so documents never attend to each other). Unpacked: each document in max_len chunks."""
     eos = tokenizer.eos_token_id
     docs = [d + [eos] for d in _ids(tokenizer, [task.target(r, data_cfg) for r in rows]) if d]
-    stat = {"prompt_len": 0, "source_truncated": False, "dropped": False}
+    stat = {"prompt_len": 0, "source_truncated": False, "dropped": False, "empty_target": False}
     out = []
     if not packing:
         for d in docs:
@@ -298,6 +304,7 @@ def tokenize_split(task, tokenizer, ds, data_cfg, max_len: int, packing: bool):
         source_truncated=sum(cols["source_truncated"]),
         target_truncated=sum(cols["target_truncated"]),
         dropped=sum(cols["dropped"]),
+        empty_target=sum(cols["empty_target"]),
         prompt_lengths=[n for n, d in zip(cols["prompt_len"], cols["dropped"], strict=True) if not d],
         target_lengths=[n for n, d in zip(cols["target_len"], cols["dropped"], strict=True) if not d],
     )

@@ -176,7 +176,9 @@ def _print_metric_check(recipe: Recipe, task, rows: list[dict]) -> None:
     from hftoolkit.evaluation import compute_scores
 
     refs = [task.references(r, recipe.data) for r in rows]
-    scores, _ = compute_scores(recipe.eval.metrics or list(task.metrics), [r[0] for r in refs], refs)
+    scores, _ = compute_scores(
+        recipe.eval.metrics or list(task.default_metrics(recipe.data)), [r[0] for r in refs], refs
+    )
     shown = ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
     print(f"\nmetric check, first reference scored against all references ({len(refs)} eval rows): {shown}")
 

@@ -88,9 +88,11 @@ class Run:
             )
             texts = [p["prediction"] for p in preds]
             refs = [self.gen_set.references[p["index"]] for p in preds]
-            names = self.recipe.eval.metrics or list(self.task.metrics)
+            data_cfg = self.recipe.data
+            names = self.recipe.eval.metrics or list(self.task.default_metrics(data_cfg))
             task_scores, self.metric_config = compute_scores(names, texts, refs)
             scores.update(task_scores)
+            scores.update(self.task.extra_scores(texts, refs, data_cfg))
             # How many completions ended by themselves (EOS or stop string) rather than at max_new_tokens.
             scores["stopped_pct"] = 100.0 * sum(p["stopped"] for p in preds) / max(len(preds), 1)
             if final and acc.is_main_process:
@@ -216,7 +218,7 @@ def resolve_recipe(recipe: Recipe) -> Task:
     """The recipe's task, with the data keys it derives filled in and its metrics checked."""
     task = get_task(recipe.task)
     task.resolve(recipe.data)
-    check_metrics(recipe.eval.metrics or list(task.metrics))
+    check_metrics(recipe.eval.metrics or list(task.default_metrics(recipe.data)))
     return task
 
 
@@ -353,9 +355,10 @@ def build_train_loaders(run: Run, splits: dict) -> None:
     run.data_stats["train"] = train_stats.as_dict()
     for split, s in run.data_stats.items():
         if s["source_truncated"] or s["target_truncated"] or s["dropped"]:
+            empty = f" ({s['empty_target']} with an empty target)" if s["empty_target"] else ""
             acc.print(
                 f"data ({split}): {s['source_truncated']} sources truncated, {s['target_truncated']} targets "
-                f"truncated, {s['dropped']} dropped of {s['examples']} (data.max_seq_len={data_cfg.max_seq_len})"
+                f"truncated, {s['dropped']} dropped{empty} of {s['examples']} (data.max_seq_len={data_cfg.max_seq_len})"
             )
     run.data_fingerprint = ckpt.data_fingerprint(train_ds)
     batch = recipe.train.per_device_train_batch_size
@@ -372,6 +375,15 @@ def build_generation_eval(run: Run, eval_raw) -> None:
     """Decoding settings, the encoded eval prompts and their batches (full set, and the periodic subset)."""
     e, data_cfg, task, tok = run.recipe.eval, run.recipe.data, run.task, run.tokenizer
     rows = eval_raw.to_list()
+    # A row without a reference cannot be scored (every prediction would be "wrong" against ""): left out, counted.
+    rows = [r for r in rows if any(ref.strip() for ref in task.references(r, data_cfg))]
+    if len(rows) < len(eval_raw):
+        run.data_stats.setdefault("eval", {})["unscored_empty_reference"] = len(eval_raw) - len(rows)
+        run.accelerator.print(
+            f"data (eval): {len(eval_raw) - len(rows)} rows with an empty reference are not scored"
+        )
+    if not rows:
+        raise UserError("data: every evaluation row has an empty reference; check the target column")
     refs = [task.references(r, data_cfg) for r in rows]
     max_new = e.max_new_tokens or default_max_new_tokens(tok, refs)
     stops = tuple(e.stop_strings if e.stop_strings is not None else task.stop_strings)

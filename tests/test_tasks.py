@@ -83,3 +83,38 @@ def test_model_info_that_does_not_parse_is_one_line(tmp_path):
     (tmp_path / "hftoolkit.json").write_text("{not json")
     with pytest.raises(UserError, match=r"hftoolkit.json is not valid JSON .*: fix it or re-save the model"):
         ModelInfo.read(tmp_path)
+
+
+def test_a_template_without_the_source_placeholder_is_one_line(tmp_path, cli):
+    """If this fails, a data.prompt_template override that drops the task's source field crashes mid-tokenization
+    (it used to: "ValueError: not enough values to unpack")."""
+    overrides = [
+        *tiny_overrides(tmp_path / "run"),
+        'data.prompt_template="{ctx} Question: {question} Answer:"',
+    ]
+    code, _, err = cli("plan", f"{QS}/qa.yaml", *overrides)
+    assert code == 2
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        "error: data.prompt_template: must contain {context} exactly once, got '{ctx} Question: {question} Answer:'"
+    ]
+
+
+def test_rows_with_an_empty_target_are_dropped_counted_and_not_scored(tmp_path, cli):
+    """If this fails, a blank summary is trained on as "stop at once", or scored as an empty reference."""
+    rows = [
+        {"document": f"Ann met Bob in town number {i} .", "summary": f"Ann met Bob {i} ."} for i in range(12)
+    ]
+    rows[3]["summary"] = ""
+    rows[5]["summary"] = None
+    for name, part in (("train", rows), ("val", rows[:6])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(out), "data.synthetic=null", f"data.train_file={tmp_path / 'train.jsonl'}",
+                 f"data.validation_file={tmp_path / 'val.jsonl'}", "train.max_steps=1"]  # fmt: skip
+    code, printed, err = cli("train", f"{QS}/summarization.yaml", *overrides)
+    assert code == 0, err
+    data = json.loads((out / "results.json").read_text())["data"]
+    assert (data["train"]["dropped"], data["train"]["empty_target"]) == (2, 2)
+    assert data["eval"]["unscored_empty_reference"] == 2
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+    assert "2 dropped (2 with an empty target) of 12" in printed

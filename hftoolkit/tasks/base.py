@@ -28,7 +28,7 @@ class PromptTemplate:
 
     def check(self, available: list[str]) -> None:
         names = self.field_names()
-        if names.count(self.source_field) != 1:
+        if self.source_field and names.count(self.source_field) != 1:
             raise UserError(
                 f"data.prompt_template: must contain {{{self.source_field}}} exactly once, got {self.template!r}"
             )
@@ -43,7 +43,10 @@ class PromptTemplate:
         """(prefix, source, suffix) whose concatenation is the rendered prompt.
 
         Whitespace before the source stays with the source, so BPE sees " word" as GPT-2 does in running text.
+        A template without a source field (nothing may be cut) is all prefix.
         """
+        if not self.source_field:
+            return self.template.format(**fields), "", ""
         before, after = self.template.split("{" + self.source_field + "}", 1)
         prefix = before.format(**fields)
         kept = prefix.rstrip(" ")
@@ -63,8 +66,8 @@ class Task(Protocol):
     inherit the common parts from `BaseTask`."""
 
     name: str
-    metrics: tuple[str, ...]  # default evaluate metric names
-    headline: str  # the results.json key the quickstart table and the model card lead with
+    metrics: tuple[str, ...]  # default evaluate metric names (default_metrics() may depend on the recipe)
+    headline: str  # the results.json key that sums the task up (headline_metric() may depend on the recipe)
     stop_strings: tuple[str, ...]  # decoding stops here (besides EOS)
     generates: bool  # evaluation generates completions and scores them (False: loss / perplexity only)
     tokenization: Literal[
@@ -74,6 +77,14 @@ class Task(Protocol):
     lower_is_better: tuple[str, ...]  # score names where smaller wins
 
     def check_config(self, data_cfg) -> None: ...
+
+    def default_metrics(self, data_cfg) -> tuple[str, ...]: ...
+
+    def headline_metric(self, data_cfg) -> str: ...
+
+    def extra_scores(
+        self, predictions: list[str], references: list[list[str]], data_cfg
+    ) -> dict[str, float]: ...
 
     def resolve(self, data_cfg) -> None: ...
 
@@ -108,6 +119,18 @@ class BaseTask:
 
     def check_config(self, data_cfg) -> None:
         """Cross-field checks of the recipe's data section for this task (config.validate calls it)."""
+
+    def default_metrics(self, data_cfg) -> tuple[str, ...]:
+        """The metrics scored when eval.metrics is not set (a task whose metrics depend on the recipe overrides)."""
+        return self.metrics
+
+    def headline_metric(self, data_cfg) -> str:
+        """The score that sums the task up (results.json key)."""
+        return self.headline
+
+    def extra_scores(self, predictions: list[str], references: list[list[str]], data_cfg) -> dict[str, float]:
+        """Scores only this task computes, merged into each evaluation's scores (e.g. out-of-label-set counts)."""
+        return {}
 
     def resolve(self, data_cfg) -> None:
         """Fill data keys the task derives (before config.yaml is written, so it is the resolved config)."""
