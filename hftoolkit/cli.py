@@ -25,7 +25,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hftoolkit",
-        description="Fine-tune GPT-2-class decoder-only models (generation, summarization, translation, QA) "
+        description="Fine-tune GPT-2-class decoder-only models (generation, summarization, translation, QA, any "
+        "prompt → completion) "
         "with transformers + accelerate, and score them with evaluate metrics.",
         epilog="Add --debug to any command to see the full traceback of an error.",
     )

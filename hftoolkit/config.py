@@ -122,7 +122,16 @@ class DataConfig:
     answer_column: str | None = None
     """qa answers: SQuAD layout {"text": [...], "answer_start": [...]} or a plain string."""
     prompt_template: str | None = None
-    """Prompt template overriding the task default, with {field} placeholders (see `hftoolkit plan`)."""
+    """Prompt template overriding the task default, with {field} placeholders (see `hftoolkit plan`); for
+    completion, any columns of the data, e.g. "{instruction}\n{input}\n### Response:"."""
+    target_column: str | None = None
+    """completion: the column the model learns to write after the prompt."""
+    target_template: str | None = None
+    """completion: the target built from several columns instead, e.g. "{answer} because {reason}"."""
+    truncate_column: str | None = None
+    """completion: the template field cut when prompt + target exceed max_seq_len (default: the template's last)."""
+    labels: list[str] | None = None
+    """completion: a classification label set; predictions outside it count as wrong and are counted."""
     preprocessing_num_workers: int | None = None
     """Processes for datasets.map."""
 

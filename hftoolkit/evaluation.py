@@ -187,6 +187,10 @@ def compute_scores(names, predictions: list[str], references: list[list[str]]) -
             kwargs = {"references": references}
             out = module.compute(predictions=predictions, references=references)
             scores["bleu" if name == "sacrebleu" else "chrf"] = float(out["score"])
+        elif name == "exact_match":
+            kwargs = {}
+            out = module.compute(predictions=predictions, references=references)
+            scores["exact_match"] = 100.0 * float(out["exact_match"])
         elif name in ("squad", "squad_v2"):
             kwargs = {}
             preds, refs = metric_lib.squad_inputs(predictions, references)

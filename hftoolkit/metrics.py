@@ -15,8 +15,8 @@ sacreBLEU's signature. Settings are passed at `compute()` time in these modules,
 take the same keyword arguments as `compute()`.
 
 The bundled modules are real `evaluate` modules (loaded from their folders with `evaluate.load(path)`), with
-the arguments, output keys and value scales of the Hub modules of the same name: rouge 0-1; sacrebleu,
-chrf, squad, squad_v2 0-100; perplexity as is. Where they differ from the Hub, each module's docstring says so.
+the arguments, output keys and value scales of the Hub modules of the same name: rouge and exact_match 0-1;
+sacrebleu, chrf, squad, squad_v2 0-100; perplexity as is. Where they differ from the Hub, each module's docstring says so.
 """
 
 import importlib.metadata
@@ -30,7 +30,7 @@ from evaluate.utils.file_utils import DownloadConfig
 
 from hftoolkit import __version__
 
-BUNDLED_METRICS = ("rouge", "sacrebleu", "chrf", "squad", "squad_v2", "perplexity")
+BUNDLED_METRICS = ("rouge", "sacrebleu", "chrf", "squad", "squad_v2", "exact_match", "perplexity")
 MODULES_DIR = Path(__file__).resolve().parent / "metrics_modules"
 
 # Defaults of each bundled module's compute(); kept here so describe() reports what was actually used.
@@ -184,6 +184,21 @@ def describe(
         if name == "squad_v2":
             description["no_answer_threshold"] = float(kwargs.get("no_answer_threshold", 1.0))
         return description
+    if name == "exact_match":
+        return {
+            "name": name,
+            "library": "hftoolkit",
+            "library_version": __version__,
+            **{
+                key: _json_safe(kwargs.get(key, default))
+                for key, default in (
+                    ("regexes_to_ignore", None),
+                    ("ignore_case", False),
+                    ("ignore_punctuation", False),
+                    ("ignore_numbers", False),
+                )
+            },
+        }
     if name == "perplexity":
         return {
             "name": name,

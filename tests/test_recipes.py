@@ -28,11 +28,14 @@ def test_recipe_loads_and_says_how_to_run(path):
 
 
 def test_every_task_has_a_quickstart_and_a_real_recipe():
-    """Each of the four tasks ships an offline quickstart and a real Hub recipe."""
+    """Each task ships an offline quickstart and a real Hub recipe."""
+    from hftoolkit.tasks import TASKS
+
     rows = list_recipes()
-    for task in ("generation", "summarization", "translation", "qa"):
+    quickstart_name = {"completion": "classification"}  # the completion quickstart is a classifier
+    for task in TASKS:
         names = [r["name"] for r in rows if r["task"] == task]
-        assert f"quickstart/{task}" in names
+        assert f"quickstart/{quickstart_name.get(task, task)}" in names
         assert any(not n.startswith("quickstart/") for n in names), task
 
 
@@ -57,11 +60,13 @@ def test_quickstart_suite_matches_the_recipes():
 
     entries = load_suite()
     assert {e["recipe"] for e in entries} == {
-        f"quickstart/{t}" for t in ("generation", "summarization", "translation", "qa")
+        f"quickstart/{t}" for t in ("generation", "summarization", "translation", "qa", "classification")
     }
     for e in entries:
         recipe = load_recipe(recipes_root() / f"{e['recipe']}.yaml")
-        assert e["metric"] == get_task(recipe.task).headline
+        task = get_task(recipe.task)
+        task.resolve(recipe.data)
+        assert e["metric"] == task.headline_metric(recipe.data)
         assert ("min_gain" in e) == e["higher_is_better"]
     qa = next(e for e in entries if e["recipe"] == "quickstart/qa")
     assert passed(qa, 0.0, 31.0) and not passed(qa, 0.0, 29.0)

@@ -51,6 +51,7 @@ EXPECTED_COLUMNS = {
     "summarization": {"document", "summary"},
     "translation": {"translation"},
     "qa": {"id", "title", "context", "question", "answers"},
+    "completion": {"text", "label"},  # the classification quickstart's columns (its recipe names them)
 }
 
 
@@ -117,7 +118,20 @@ def test_translation_rule_is_a_deterministic_word_for_word_function():
     assert len(set(lexicon)) == len(lexicon)  # injective: two English words never share a translation
 
 
-WORD_LIMITS = {"generation": 48, "summarization": 43, "translation": 12, "qa": 25}  # the grammars' maxima
+def test_route_is_a_function_of_the_one_keyword():
+    """If this fails, a synthetic support message names no team's keyword, or several: its label is not learnable."""
+    from hftoolkit.tasks.completion import ROUTES
+
+    counts = dict.fromkeys(ROUTES, 0)
+    for row in make_examples("completion", 500):
+        words = set(row["text"].split())
+        hits = [label for label, keywords in ROUTES.items() if words & set(keywords)]
+        assert hits == [row["label"]], row
+        counts[row["label"]] += 1
+    assert min(counts.values()) > 500 / len(ROUTES) / 2  # every team gets its share
+
+
+WORD_LIMITS = {"generation": 48, "summarization": 43, "translation": 12, "qa": 25, "completion": 20}  # maxima
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -130,8 +144,10 @@ def test_examples_are_short(task):
             words = len(row["document"].split()) + len(row["summary"].split())
         elif task == "translation":
             words = max(len(v.split()) for v in row["translation"].values())
-        else:
+        elif task == "qa":
             words = len(row["context"].split()) + len(row["question"].split()) + 1
+        else:
+            words = len(row["text"].split()) + 1
         assert words <= WORD_LIMITS[task], row
 
 

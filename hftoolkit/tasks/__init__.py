@@ -2,6 +2,7 @@
 
 from hftoolkit.errors import UserError
 from hftoolkit.tasks.base import LOSS_METRICS, PromptTemplate, Task
+from hftoolkit.tasks.completion import CompletionTask
 from hftoolkit.tasks.generation import GenerationTask
 from hftoolkit.tasks.qa import QATask
 from hftoolkit.tasks.summarization import SummarizationTask
@@ -12,6 +13,7 @@ TASKS: dict[str, Task] = {
     "summarization": SummarizationTask(),
     "translation": TranslationTask(),
     "qa": QATask(),
+    "completion": CompletionTask(),
 }
 
 
