@@ -1,6 +1,7 @@
 # The README's commands. Each one works on a fresh clone: it creates .venv and installs into it.
 #   make quickstart   train + evaluate the four offline quickstart recipes on CPU, print a before/after table
 #   make test         lint + the whole test suite, offline
+#   make mutants      break each core invariant in a copy of hftoolkit/ and require its tests to fail (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install quickstart test lint format clean
+.PHONY: install quickstart test mutants lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ format: install
 
 test: install lint
 	$(OFFLINE) $(BIN)/python -m pytest
+
+mutants: install
+	$(OFFLINE) $(BIN)/python tests/mutants.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Resumable checkpoints: what a checkpoint holds, how it is saved, checked and restored.
 
-A checkpoint is a folder `OUTPUT_DIR/checkpoints/step-000120/` written by `accelerator.save_state` into a
+A checkpoint is a folder `OUTPUT_DIR/checkpoints/step-0000120/` written by `accelerator.save_state` into a
 temporary sibling, fsynced, then renamed: a crash or `kill -9` mid-save leaves only a `.tmp-*` folder that is
 ignored (and cleaned up next time), never a half-written checkpoint that `latest` would pick up.
 

@@ -201,7 +201,8 @@ class EvalConfig:
     per_device_eval_batch_size prompts of data.max_seq_len). Prompts run longest first, so short ones share big
     batches."""
     max_eval_samples_during_training: int | None = None
-    """Budgeted subset for the periodic evals (baseline and final use the whole eval set)."""
+    """Generate and score only the first N eval prompts in the periodic evals (the eval loss always covers the whole
+    eval set; baseline and final generate on all of it)."""
     baseline: bool = True
     """Evaluate the untrained model at step 0."""
 
@@ -434,13 +435,13 @@ def validate(r: Recipe) -> None:
     )
     need(
         0 < t.learning_rate < 1,
-        f"train.learning_rate: {t.learning_rate} is out of range (0, 1); typical: 1e-5 to 1e-3",
+        f"train.learning_rate: {t.learning_rate:g} is out of range (0, 1); typical: 1e-5 to 1e-3",
     )
     need(t.per_device_train_batch_size >= 1, "train.per_device_train_batch_size: must be ≥ 1")
     need(e.per_device_eval_batch_size >= 1, "eval.per_device_eval_batch_size: must be ≥ 1")
     need(e.batch_tokens is None or e.batch_tokens >= 1, "eval.batch_tokens: must be ≥ 1 (or null)")
     need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be ≥ 1")
-    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: {t.warmup_ratio} is out of range [0, 1)")
+    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: {t.warmup_ratio:g} is out of range [0, 1)")
     need(
         t.num_train_epochs > 0 or t.max_steps > 0,
         "train.num_train_epochs: must be > 0 (or set train.max_steps > 0)",

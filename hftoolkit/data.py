@@ -29,9 +29,11 @@ EXTENSION_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv":
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _check_text_file(path: Path, key: str) -> None:
-    """Fail early, naming the line, on undecodable bytes or malformed JSON lines (datasets' own errors do not)."""
+def _check_text_file(path: Path, key: str) -> int:
+    """Fail early, naming the line, on undecodable bytes or malformed JSON lines (datasets' own errors do not).
+    Returns the number of non-blank lines (a pretty-printed JSON document counts as 1)."""
     is_jsonl = path.suffix == ".jsonl"
+    rows = 0
     with path.open("rb") as f:
         head = f.read(1)
         f.seek(0)
@@ -43,12 +45,13 @@ def _check_text_file(path: Path, key: str) -> None:
                 raise UserError(
                     f"{key}: {path} line {lineno}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8"
                 ) from None
+            rows += bool(line.strip())
             if is_jsonl and line.strip():
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     if lineno == 1 and path.suffix == ".json":
-                        return  # a pretty-printed JSON document, not JSON lines: let datasets parse it
+                        return 1  # a pretty-printed JSON document, not JSON lines: let datasets parse it
                     raise UserError(
                         f"{key}: {path} line {lineno}: malformed JSON ({e.msg}, column {e.colno})"
                     ) from None
@@ -56,6 +59,7 @@ def _check_text_file(path: Path, key: str) -> None:
                     raise UserError(
                         f"{key}: {path} line {lineno}: expected a JSON object per line, got {type(obj).__name__}"
                     )
+    return rows
 
 
 def _load_files(data_cfg):
@@ -73,8 +77,11 @@ def _load_files(data_cfg):
             raise UserError(
                 f"data.{key}: {value}: unsupported extension '{path.suffix}' (use {', '.join(EXTENSION_BUILDERS)})"
             )
+        # datasets fails on a file without rows with an unrelated message (StopIteration, "no data"). A CSV's first
+        # line is its header.
         if path.suffix in (".txt", ".json", ".jsonl", ".csv"):
-            _check_text_file(path, f"data.{key}")
+            if _check_text_file(path, f"data.{key}") <= (path.suffix == ".csv"):
+                raise UserError(f"data: the {split} split is empty ({value} has no rows); check data.{key}")
         files[split] = str(path)
     builders = {EXTENSION_BUILDERS[Path(p).suffix] for p in files.values()}
     if len(builders) > 1:
@@ -131,6 +138,12 @@ def load_raw_splits(recipe, output_dir: Path):
     if train_name is not None and eval_name is not None:
         splits = {"train": raw[train_name], "validation": raw[eval_name]}
     elif train_name is not None:
+        n = len(raw[train_name])
+        if n < 2:  # datasets rounds the held-out part up: one row would leave no training row
+            raise UserError(
+                f"data: {n} training row(s) are too few to hold out {d.validation_split_percentage}% for validation; "
+                "set data.validation_file (or a dataset with a validation split)"
+            )
         held = raw[train_name].train_test_split(
             test_size=d.validation_split_percentage / 100, seed=recipe.seed
         )
@@ -432,6 +445,9 @@ def pack_collate(features: list[dict], pad_id: int, row_len: int) -> dict:
             n = len(f["input_ids"])
             ids[r, at : at + n] = torch.tensor(f["input_ids"])
             labels[r, at : at + n] = torch.tensor(f["labels"])
+            # Nothing of this example precedes its first token, so its label is no target (as unpacked, where the
+            # shift drops it); kept, the previous example's last position would learn to predict it.
+            labels[r, at] = -100
             pos[r, at : at + n] = (
                 torch.tensor(f["position_ids"]) if f.get("position_ids") else torch.arange(n)
             )

@@ -184,8 +184,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _reset_accelerate_state():
-    """Accelerator state is a process-wide singleton; each test starts from a clean one."""
+    """Accelerator state is a process-wide singleton; each test starts from a clean one. The same for the root
+    logger's handlers: `hftoolkit train` sets one up on the stderr of the test that first runs it (capsys's), which a
+    later test would log into after it was closed ("--- Logging error ---")."""
+    import logging
+
+    handlers = list(logging.getLogger().handlers)
     yield
+    logging.getLogger().handlers[:] = handlers
     try:
         from accelerate.state import AcceleratorState, GradientState, PartialState
 

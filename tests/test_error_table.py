@@ -1,0 +1,296 @@
+"""The README's error table, row by row: each row's bad input is produced here and the message the README shows
+must be the one the user gets (placeholders FILE, PATH, L, C, N, M, P stand for any text, "…" for any text).
+
+A README row without a case here fails `test_every_readme_row_has_a_case`, so the table cannot promise a message
+that nothing checks.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, tiny_overrides
+
+QA = "recipes/quickstart/qa.yaml"
+TR = "recipes/quickstart/translation.yaml"
+PLACEHOLDERS = ("FILE", "PATH", "L", "C", "N", "M", "P")
+
+
+def readme_rows() -> dict[str, list[str]]:
+    """{bad input: [message snippets in backticks]} from the README's "## Errors" table."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("bad input", "---"):
+            rows[cells[0]] = re.findall(r"`([^`]+)`", cells[1])
+    return rows
+
+
+def snippet_regex(snippet: str) -> re.Pattern:
+    pattern = re.escape(snippet)
+    for dots in (re.escape("…"), re.escape("(...)"), re.escape("...")):
+        pattern = pattern.replace(dots, ".*")
+    for name in PLACEHOLDERS:
+        pattern = re.sub(rf"\b{name}\b", ".+?", pattern)
+    return re.compile(pattern)
+
+
+def error_lines(result) -> list[str]:
+    code, out, err = result
+    assert code == 2, (code, err[-2000:])
+    # transformers' log handler keeps the stderr of the test that first logged (pytest's capture, closed since):
+    # its "--- Logging error ---" reports are about the test harness, not about hftoolkit's output.
+    harness = re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", err, flags=re.S)
+    assert "Traceback" not in harness + out
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    return lines
+
+
+def recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def qa_files(tmp_path: Path, train_text: str, name: str = "rows.jsonl") -> list[str]:
+    train = tmp_path / name
+    train.write_text(train_text)
+    return [*tiny_overrides(tmp_path / "out"), "data.synthetic=null", f"data.train_file={train}"]
+
+
+SQUAD_ROW = {
+    "context": "Ann lives in Oslo .",
+    "question": "Where does Ann live ?",
+    "answers": {"text": ["Oslo"]},
+}
+
+
+def trained_with_checkpoint(cli, out: Path) -> None:
+    overrides = [*tiny_overrides(out), "train.max_steps=2", "train.save_steps=1", "eval.baseline=false"]
+    assert cli("train", QA, *overrides)[0] == 0
+
+
+def case_malformed_yaml(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", recipe(tmp_path, "task: qa\ndata: [unclosed\n")))
+
+
+def case_not_a_mapping(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", recipe(tmp_path, "- just\n- a list\n")))
+
+
+def case_unknown_key(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", QA, "train.learnin_rate=1e-4"))
+
+
+def case_wrong_type(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", QA, "train.max_steps=many"))
+
+
+def case_out_of_range(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", QA, "train.learning_rate=3"))
+
+
+def case_unknown_task_or_metric(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", QA, "task=poetry")) + error_lines(
+        cli("plan", QA, *tiny_overrides(tmp_path / "o"), "eval.metrics=[x]")
+    )
+
+
+def case_push_without_repo(tmp_path, cli, monkeypatch):
+    return error_lines(cli("train", QA, *tiny_overrides(tmp_path / "o"), "hub.push=true"))
+
+
+def case_missing_file_or_extension(tmp_path, cli, monkeypatch):
+    missing = error_lines(
+        cli("train", QA, *qa_files(tmp_path, ""), f"data.train_file={tmp_path / 'nope.jsonl'}")
+    )
+    (tmp_path / "rows.xml").write_text("<rows/>\n")
+    return missing + error_lines(
+        cli("train", QA, *qa_files(tmp_path, ""), f"data.train_file={tmp_path / 'rows.xml'}")
+    )
+
+
+def case_malformed_json_or_bytes(tmp_path, cli, monkeypatch):
+    good = json.dumps(SQUAD_ROW) + "\n"
+    malformed = error_lines(cli("train", QA, *qa_files(tmp_path, good + '{"context": \n')))
+    (tmp_path / "bytes.jsonl").write_bytes(good.encode() + b'{"context": "\xff"}\n')
+    undecodable = error_lines(
+        cli("train", QA, *qa_files(tmp_path, ""), f"data.train_file={tmp_path / 'bytes.jsonl'}")
+    )
+    return malformed + undecodable
+
+
+def case_empty_split(tmp_path, cli, monkeypatch):
+    return error_lines(cli("train", QA, *qa_files(tmp_path, "")))  # the file name does not say "empty"
+
+
+def case_missing_column(tmp_path, cli, monkeypatch):
+    overrides = qa_files(tmp_path, json.dumps(SQUAD_ROW) + "\n")
+    validation = f"data.validation_file={tmp_path / 'rows.jsonl'}"
+    return error_lines(cli("train", QA, *overrides, validation, "data.question_column=x"))
+
+
+def case_too_few_rows(tmp_path, cli, monkeypatch):
+    return error_lines(cli("train", QA, *qa_files(tmp_path, json.dumps(SQUAD_ROW) + "\n")))
+
+
+def case_language_absent(tmp_path, cli, monkeypatch):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"translation": {"en": "A dog runs .", "fr": "Un chien court ."}}) + "\n")
+    overrides = [*tiny_overrides(tmp_path / "o"), "data.synthetic=null", f"data.train_file={pairs}"]
+    return error_lines(cli("train", TR, *overrides, f"data.validation_file={pairs}", "data.target_lang=de"))
+
+
+def case_model_path_missing(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe_path = REPO_ROOT / QA
+    return error_lines(
+        cli(
+            "train", recipe_path, *tiny_overrides(tmp_path / "o"), "model.init=null", "model.name_or_path=./x"
+        )
+    )
+
+
+def case_tokenizer_without_eos(tmp_path, cli, monkeypatch):
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "no-eos"
+    vocab = {f"w{i}": i for i in range(30)} | {"[UNK]": 30}
+    PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    ).save_pretrained(model_dir)
+    GPT2LMHeadModel(GPT2Config(vocab_size=31, n_layer=1, n_embd=8, n_head=2, n_positions=64)).save_pretrained(
+        model_dir
+    )
+    return error_lines(
+        cli(
+            "train", QA, *tiny_overrides(tmp_path / "o"), "model.init=null", f"model.name_or_path={model_dir}"
+        )
+    )
+
+
+def case_context_exceeded(tmp_path, cli, monkeypatch):
+    overrides = [*tiny_overrides(tmp_path / "o"), "model.init.n_positions=1024", "data.max_seq_len=4096"]
+    return error_lines(cli("train", QA, *overrides))
+
+
+def case_output_dir_guards(tmp_path, cli, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    is_file = error_lines(cli("train", QA, *tiny_overrides(tmp_path / "a-file")))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    holds_run = error_lines(cli("train", QA, *tiny_overrides(tmp_path / "run")))
+    assert (tmp_path / "run" / "results.json").read_text() == "{}"  # nothing written into the other run
+    return is_file + holds_run
+
+
+def case_missing_checkpoint(tmp_path, cli, monkeypatch):
+    return error_lines(
+        cli("train", QA, *tiny_overrides(tmp_path / "o"), f"train.resume_from_checkpoint={tmp_path}")
+    )
+
+
+def case_resume_changed(tmp_path, cli, monkeypatch):
+    out = tmp_path / "run"
+    trained_with_checkpoint(cli, out)
+    resume = [
+        *tiny_overrides(out),
+        "train.max_steps=2",
+        "train.resume_from_checkpoint=latest",
+        "train.learning_rate=0.002",
+    ]
+    return error_lines(cli("train", QA, *resume))
+
+
+def case_disk_full(tmp_path, cli, monkeypatch):
+    """The second save runs out of space after writing part of its files: the first checkpoint stays intact and
+    no temp folder is left."""
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def fills_the_disk(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 1:
+            return real(self, output_dir, **kwargs)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
+    out = tmp_path / "run"
+    lines = error_lines(cli("train", QA, *tiny_overrides(out), "train.save_steps=1", "eval.baseline=false"))
+    checkpoints = out / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-0000001"]
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    resumed = [
+        *tiny_overrides(out),
+        "train.save_steps=1",
+        "train.resume_from_checkpoint=latest",
+    ]
+    assert cli("train", QA, *resumed)[0] == 0  # the checkpoint left behind is whole: training resumes from it
+    return lines
+
+
+def case_nan_loss(tmp_path, cli, monkeypatch):
+    import torch
+
+    import hftoolkit.train as train_mod
+
+    real = train_mod.backward_window
+    monkeypatch.setattr(
+        train_mod, "backward_window", lambda *a, **k: real(*a, **k) * torch.tensor(float("nan"))
+    )
+    out = tmp_path / "run"
+    lines = error_lines(cli("train", QA, *tiny_overrides(out), "eval.baseline=false"))
+    assert not (out / "model").exists()
+    return lines
+
+
+CASES = {
+    "malformed YAML": case_malformed_yaml,
+    "recipe not a mapping": case_not_a_mapping,
+    "unknown key": case_unknown_key,
+    "wrong type": case_wrong_type,
+    "out-of-range value": case_out_of_range,
+    "unknown task / metric": case_unknown_task_or_metric,
+    "Hub push without repo id": case_push_without_repo,
+    "missing data file / bad extension": case_missing_file_or_extension,
+    "malformed JSON line / undecodable bytes": case_malformed_json_or_bytes,
+    "empty dataset or split": case_empty_split,
+    "missing column": case_missing_column,
+    "no validation data and too few rows to hold some out": case_too_few_rows,
+    "translation language absent": case_language_absent,
+    "model path missing": case_model_path_missing,
+    "tokenizer without EOS": case_tokenizer_without_eos,
+    "max_seq_len beyond the context": case_context_exceeded,
+    "output_dir is a file / holds another run": case_output_dir_guards,
+    "missing checkpoint to resume": case_missing_checkpoint,
+    "resume with changed config/data": case_resume_changed,
+    "no disk space while saving": case_disk_full,
+    "NaN/inf loss": case_nan_loss,
+}
+
+
+def test_every_readme_row_has_a_case():
+    """If this fails, the README promises an error message that no test produces (or a case lost its row)."""
+    assert set(readme_rows()) == set(CASES)
+
+
+@pytest.mark.parametrize("row", list(CASES))
+def test_readme_row_is_the_message_users_get(row, tmp_path, cli, monkeypatch):
+    """If this fails, the README's error table shows a message that this bad input no longer produces."""
+    lines = CASES[row](tmp_path, cli, monkeypatch)
+    snippets = readme_rows()[row]
+    assert snippets, row
+    for snippet in snippets:
+        assert any(snippet_regex(snippet).search(line) for line in lines), (snippet, lines)
