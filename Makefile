@@ -1,5 +1,5 @@
 # The README's commands. Each one works on a fresh clone: it creates .venv and installs into it.
-#   make quickstart   train + evaluate the four offline quickstart recipes on CPU, print a before/after table
+#   make quickstart   train + evaluate the offline quickstart recipes on CPU, print a before/after table
 #   make test         lint + the whole test suite, offline
 #   make mutants      break each core invariant in a copy of hftoolkit/ and require its tests to fail (CI runs it)
 PYTHON ?= python3

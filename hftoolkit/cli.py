@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="destination folder (default RUN_DIR/merged)")
 
     p = sub.add_parser("quickstart", help="train + evaluate the offline quickstart recipes, print a before/after table",
-                       description="Run the four offline quickstart recipes on CPU and print baseline vs final scores.")  # fmt: skip
+                       description="Run the offline quickstart recipes (eval/quickstart.yaml) on CPU and print baseline vs final scores.")  # fmt: skip
     p.add_argument(
         "--output-root", default="runs/quickstart", help="where the runs go (default runs/quickstart)"
     )
