@@ -28,6 +28,9 @@ from hftoolkit.errors import UserError
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "hftoolkit_state.json"
 
+# Keys that set how long the run is: a resume may change them to extend (or shorten) the run, see
+# check_resume_compatible.
+LENGTH_KEYS = {"train.max_steps", "train.num_train_epochs"}
 # Keys that may change between a checkpoint and its resume without changing what is trained.
 RESUME_FREE_KEYS = {
     "output_dir", "report_to", "train.resume_from_checkpoint", "train.logging_steps", "train.eval_steps",
@@ -114,6 +117,7 @@ def save(run, progress: Progress) -> Path:
         "step": progress.step,
         "epoch": progress.epoch,
         "batches_in_epoch": progress.batches_in_epoch,
+        "total_steps": run.total_steps,
         "data_fingerprint": run.data_fingerprint,
         "training_config": training_config(run.recipe),
         "num_processes": run.accelerator.num_processes,
@@ -139,7 +143,11 @@ def check_resume_compatible(run, path: Path) -> None:
     state = read_state(path)
     # Keys the current schema no longer has cannot change what is trained (a removed option).
     old, new = state.get("training_config", {}), training_config(run.recipe)
-    changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+    changed = [
+        f"{k}: {old.get(k)!r} → {new.get(k)!r}"
+        for k in sorted(new)
+        if k not in LENGTH_KEYS and old.get(k) != new.get(k)
+    ]
     if changed:
         raise UserError(
             f"train.resume_from_checkpoint: {path} was trained with a different config ({'; '.join(changed[:3])}"
@@ -150,6 +158,7 @@ def check_resume_compatible(run, path: Path) -> None:
             f"train.resume_from_checkpoint: the training data changed since {path} was saved "
             f"(fingerprint {state.get('data_fingerprint')} → {run.data_fingerprint}); resume with the same data or start a new output_dir"
         )
+    check_length(run, state, path)
     # The data position (batches_in_epoch), the LR schedule's units, RNG files and sharded states are per process.
     saved, now = state.get("num_processes", 1), run.accelerator.num_processes
     if saved != now:
@@ -157,6 +166,31 @@ def check_resume_compatible(run, path: Path) -> None:
             f"train.resume_from_checkpoint: {path} was saved by {saved} process(es), this run has {now}; "
             f"resume with accelerate launch --num_processes {saved}"
         )
+
+
+def check_length(run, state: dict, path: Path) -> None:
+    """A resume with another train.max_steps / num_train_epochs extends (or shortens) the run, as long as the new
+    total lies beyond the checkpoint's step. The learning-rate schedule is then rebuilt for the new total and
+    continues from the checkpoint's step, as transformers.Trainer does when max_steps grows: a decaying schedule
+    jumps to where the longer curve is at that step."""
+    step, before, after = state["step"], state.get("total_steps"), run.total_steps
+    if before is None or before == after:
+        return
+    if after <= step:
+        raise UserError(
+            f"train.max_steps: {path} is already at step {step}; set train.max_steps (or num_train_epochs) beyond "
+            f"{step} to extend the run"
+        )
+    run.extended = {
+        "at_step": step,
+        "from_total_steps": before,
+        "to_total_steps": after,
+        "learning_rate_schedule": f"rebuilt for {after} steps, continued from step {step}",
+    }
+    run.accelerator.print(
+        f"extending the run from {before} to {after} steps at step {step}: the learning-rate schedule is rebuilt "
+        f"for {after} steps and continues from step {step}"
+    )
 
 
 def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, state: dict, keep: int | None) -> Path:

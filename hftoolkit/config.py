@@ -132,6 +132,11 @@ class DataConfig:
     """completion: the template field cut when prompt + target exceed max_seq_len (default: the template's last)."""
     labels: list[str] | None = None
     """completion: a classification label set; predictions outside it count as wrong and are counted."""
+    bad_rows: Literal["drop", "error"] = "drop"
+    """Rows with a null, missing, empty or whitespace-only field the task needs: drop (counted by reason and column,
+    an error above max_bad_rows_share) | error (any such row is an error naming it)."""
+    max_bad_rows_share: float = 0.05
+    """With bad_rows=drop, the largest share of a split that may be dropped before it is an error (0.05 = 5 %)."""
     preprocessing_num_workers: int | None = None
     """Processes for datasets.map."""
 
@@ -457,6 +462,7 @@ def validate(r: Recipe) -> None:
         value = getattr(d, name)
         need(value is None or value >= 1, f"data.{name}: must be ≥ 1 or null")
     need(0 < d.validation_split_percentage < 100, "data.validation_split_percentage: must be in (0, 100)")
+    need(0 <= d.max_bad_rows_share <= 1, "data.max_bad_rows_share: must be in [0, 1] (0.05 = 5 %)")
     need(e.num_beams >= 1, "eval.num_beams: must be ≥ 1")
     need(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens: must be ≥ 1 or null")
     need(e.temperature > 0, "eval.temperature: must be > 0")

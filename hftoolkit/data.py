@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,13 +88,27 @@ def _load_files(data_cfg):
     if len(builders) > 1:
         raise UserError(f"data.train_file/validation_file: mixed formats {sorted(builders)}; use one format")
     builder = builders.pop()
+    if builder == "text":
+        return _load_paragraphs(files)
     try:
-        # A .txt file is read one paragraph (blank-line separated) per example: a line is too short a document
-        # once position ids restart and attention is blocked at every document boundary.
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        return load_dataset(builder, data_files=files, **kwargs)
+        return load_dataset(builder, data_files=files)
     except Exception as e:  # datasets wraps parser errors in several types
         raise UserError(f"data: cannot read {', '.join(files.values())} as {builder} ({_short(e)})") from None
+
+
+def _load_paragraphs(files: dict[str, str]):
+    """.txt files, one example per paragraph: a line is too short a document once position ids restart and
+    attention is blocked at every document boundary. Paragraphs are separated by one or more lines that hold nothing
+    or only whitespace (datasets' paragraph mode needs exactly "\n\n", and reads a corpus whose blank lines carry
+    spaces as one example)."""
+    from datasets import Dataset, DatasetDict
+
+    splits = {}
+    for split, path in files.items():
+        text = Path(path).read_text(encoding="utf-8")
+        paragraphs = [p.strip("\n") for p in re.split(r"\n(?:[^\S\n]*\n)+", text)]
+        splits[split] = Dataset.from_dict({"text": [p for p in paragraphs if p.strip()]})
+    return DatasetDict(splits)
 
 
 def _short(e: BaseException) -> str:
@@ -160,6 +175,15 @@ def load_raw_splits(recipe, output_dir: Path):
     return splits
 
 
+def split_source(data_cfg, split: str) -> str:
+    """Where a split's rows come from, for messages: its file, the Hub dataset, or the synthetic set."""
+    if data_cfg.synthetic is not None:
+        return "the synthetic data"
+    if data_cfg.dataset_name is not None:
+        return data_cfg.dataset_name
+    return (data_cfg.validation_file if split == "validation" else None) or data_cfg.train_file
+
+
 def check_columns(task, data_cfg, ds, split: str) -> None:
     columns = list(ds.column_names)
     for name in task.required_columns(data_cfg, columns):
@@ -173,6 +197,40 @@ def check_columns(task, data_cfg, ds, split: str) -> None:
     task.references(ds[0], data_cfg)
 
 
+def drop_bad_rows(task, data_cfg, ds, split: str, where: str):
+    """(ds without the rows the task cannot use, {"<reason> <column>": count}); see Task.row_problem.
+
+    data.bad_rows=error refuses any such row; drop refuses more than data.max_bad_rows_share of the split. Either
+    error names `where` (the file or dataset), the first offending rows (1-based, in split order) and the counts.
+    """
+    counts: dict[str, int] = {}
+    bad: list[int] = []
+    for i, row in enumerate(ds):
+        if (problem := task.row_problem(row, data_cfg)) is not None:
+            counts[problem] = counts.get(problem, 0) + 1
+            bad.append(i)
+    if not bad:
+        return ds, counts
+    summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    first = ", ".join(str(i + 1) for i in bad[:5]) + (", …" if len(bad) > 5 else "")
+    if len(bad) == len(ds):
+        raise UserError(
+            f"data: the {split} split of {where} is empty once its unusable rows are dropped ({summary})"
+        )
+    if data_cfg.bad_rows == "error":
+        raise UserError(
+            f"data: {len(bad)} unusable {split} row(s) in {where} ({summary}; rows {first}); fix them, or set "
+            "data.bad_rows=drop to leave them out"
+        )
+    if len(bad) > data_cfg.max_bad_rows_share * len(ds):
+        raise UserError(
+            f"data: {len(bad)} of {len(ds)} {split} rows in {where} are unusable ({summary}; rows {first}), more than "
+            f"data.max_bad_rows_share={data_cfg.max_bad_rows_share:g}; fix the data or raise that share"
+        )
+    keep = sorted(set(range(len(ds))) - set(bad))
+    return ds.select(keep), counts
+
+
 # --------------------------------------------------------------------------------------------- tokenizing
 
 
@@ -183,8 +241,7 @@ class Stats:
     examples: int = 0
     source_truncated: int = 0
     target_truncated: int = 0
-    dropped: int = 0  # not trained on: the template alone does not fit, or the target is empty
-    empty_target: int = 0  # of the dropped: rows whose target is empty (a missing or blank cell)
+    dropped: int = 0  # not trained on: the template alone does not fit in max_seq_len
     prompt_lengths: list[int] = field(default_factory=list)
     target_lengths: list[int] = field(default_factory=list)
 
@@ -209,7 +266,7 @@ def encode_prompts(task, template, tokenizer, rows: list[dict], data_cfg, budget
     return out
 
 
-STAT_COLUMNS = ("prompt_len", "target_len", "source_truncated", "target_truncated", "dropped", "empty_target")
+STAT_COLUMNS = ("prompt_len", "target_len", "source_truncated", "target_truncated", "dropped")
 
 
 def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max_len: int) -> list[dict]:
@@ -217,16 +274,13 @@ def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max
     eos = tokenizer.eos_token_id
     pieces = [template.pieces(task.fields(r, data_cfg)) for r in rows]
     pre, src, suf = (_ids(tokenizer, [p[i] for p in pieces]) for i in range(3))
-    texts = [task.target(r, data_cfg) for r in rows]
-    tgt = _ids(tokenizer, [template.target_prefix + text for text in texts])
+    tgt = _ids(tokenizer, [template.target_prefix + task.target(r, data_cfg) for r in rows])
     examples = []
-    for a, s, b, t, text in zip(pre, src, suf, tgt, texts, strict=True):
+    for a, s, b, t in zip(pre, src, suf, tgt, strict=True):
         fixed = len(a) + len(b)
         target = t + [eos]
-        stat = {"source_truncated": False, "target_truncated": False, "dropped": False, "empty_target": False}
-        # An empty target would teach the model to stop at once; fitting nothing: either way, counted and dropped.
-        empty = not text.strip()
-        if empty or fixed + 1 > max_len:
+        stat = {"source_truncated": False, "target_truncated": False, "dropped": False}
+        if fixed + 1 > max_len:
             # The template alone does not fit: nothing sensible to train on. Kept as a row so it is counted.
             examples.append(
                 {
@@ -236,7 +290,6 @@ def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max
                     "target_len": len(target),
                     **stat,
                     "dropped": True,
-                    "empty_target": empty,
                 }
             )
             continue
@@ -260,7 +313,7 @@ def encode_documents(task, tokenizer, rows: list[dict], data_cfg, max_len: int, 
     every document (so documents never attend to each other). Unpacked: each document in max_len chunks."""
     eos = tokenizer.eos_token_id
     docs = [d + [eos] for d in _ids(tokenizer, [task.target(r, data_cfg) for r in rows]) if d]
-    stat = {"prompt_len": 0, "source_truncated": False, "dropped": False, "empty_target": False}
+    stat = {"prompt_len": 0, "source_truncated": False, "dropped": False}
     out = []
     if not packing:
         for d in docs:
@@ -317,7 +370,6 @@ def tokenize_split(task, tokenizer, ds, data_cfg, max_len: int, packing: bool):
         source_truncated=sum(cols["source_truncated"]),
         target_truncated=sum(cols["target_truncated"]),
         dropped=sum(cols["dropped"]),
-        empty_target=sum(cols["empty_target"]),
         prompt_lengths=[n for n, d in zip(cols["prompt_len"], cols["dropped"], strict=True) if not d],
         target_lengths=[n for n, d in zip(cols["target_len"], cols["dropped"], strict=True) if not d],
     )

@@ -144,6 +144,11 @@ def save_pretrained(model, tokenizer, out: Path, state_dict=None, info=None) -> 
         if info is not None:
             info.write(tmp)
         fsync_tree(tmp)
+        if os.environ.get("HFTOOLKIT_TEST_SAVE_DELAY"):
+            # Test hook (tests/test_nothing_silent.py): hold the folder half-saved, to kill the run right there.
+            import time
+
+            time.sleep(float(os.environ["HFTOOLKIT_TEST_SAVE_DELAY"]))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

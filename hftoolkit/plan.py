@@ -86,7 +86,7 @@ def plan(
     out = Path(recipe.output_dir)
     data_cfg = recipe.data
     resolve_recipe(recipe)
-    splits = load_splits(recipe, task, need_train=False)
+    splits, bad_rows = load_splits(recipe, task, need_train=False)
     train_raw = splits.get("train", splits["validation"])
     model, tokenizer = _model_for_plan(recipe, tokenizer_training_texts(recipe, task, splits))
     ctx = check_context(model, data_cfg)
@@ -101,6 +101,9 @@ def plan(
         print(f"  --- example {i} ({len(train_ds[i]['input_ids'])} tokens)")
         print("  " + render_example(tokenizer, train_ds[i], color).replace("\n", "\n  "))
     _print_lengths(task, stats, len(train_raw), data_cfg.max_seq_len)
+    for split, counts in bad_rows.items():
+        shown = ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "none"
+        print(f"  {split} rows dropped as unusable (data.bad_rows={data_cfg.bad_rows}): {shown}")
     all_lengths = [len(x) for x in train_ds["input_ids"]]
     total_steps, tok_per_step = _print_steps(recipe, all_lengths)
     _print_model(recipe, model, ctx)

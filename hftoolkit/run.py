@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,9 @@ from hftoolkit.data import (
     build_eval_loader,
     build_train_loader,
     check_columns,
+    drop_bad_rows,
     load_raw_splits,
+    split_source,
     steps_per_epoch,
     tokenize_split,
 )
@@ -59,6 +62,10 @@ class Run:
     data_stats: dict = field(default_factory=dict)
     data_fingerprint: str = ""
     steps_per_epoch: int = 0
+    total_steps: int = 0  # optimizer steps of the whole run (train.max_steps, or the epochs' worth)
+    extended: dict | None = (
+        None  # set when a resume continues to a new total of steps (see check_resume_compatible)
+    )
     batches_per_epoch: int = 0
     resume_from: Path | None = None
     eval_dataset_info: dict = field(default_factory=dict)
@@ -122,6 +129,7 @@ class Run:
         """results.json: the given sections plus what they were computed with."""
         results = {
             **results,
+            **({"extended": self.extended} if self.extended else {}),
             "metric_config": self.metric_config,
             "eval_dataset": self.eval_dataset_info,
             "data": self.data_stats,
@@ -202,11 +210,13 @@ class Run:
 def prepare_run(recipe: Recipe, mode: str) -> Run:
     """Everything before the loop (mode "train") or before an eval-only scoring (mode "eval")."""
     acc, task, resume_from = start_run(recipe, mode)
-    splits = load_splits(recipe, task, acc, need_train=mode == "train")
+    splits, bad_rows = load_splits(recipe, task, acc, need_train=mode == "train")
     model, tokenizer = load_model(recipe, task, splits)
     run = Run(recipe, acc, task, model, tokenizer, resume_from=resume_from, context=context_length(model))
     run.model, run.packing, run.targets_only = prepare_model(model, recipe, acc)
     build_train_loaders(run, splits)
+    for split, counts in bad_rows.items():  # results.json says what was left out, and why
+        run.data_stats["eval" if split == "validation" else split]["bad_rows"] = counts
     if task.generates:
         build_generation_eval(run, splits["validation"])
     if resume_from is not None:
@@ -232,6 +242,7 @@ def start_run(recipe: Recipe, mode: str):
     out = Path(recipe.output_dir)
     if acc.is_main_process:
         check_output_dir(recipe, mode)
+        rundir.acquire_lock(out, acc.print)  # one run per output_dir (overwrite_output_dir included)
     resume_from = ckpt.resolve_resume(recipe.train.resume_from_checkpoint, out) if mode == "train" else None
     if recipe.train.resume_from_checkpoint == "latest" and resume_from is None:
         acc.print(f"no checkpoint in {out / rundir.CHECKPOINTS} yet: starting from step 0")
@@ -251,16 +262,28 @@ def start_run(recipe: Recipe, mode: str):
     return acc, task, resume_from
 
 
-def load_splits(recipe: Recipe, task: Task, acc=None, need_train: bool = True) -> dict:
-    """{"train", "validation"} raw datasets, columns checked against the task."""
+def load_splits(recipe: Recipe, task: Task, acc=None, need_train: bool = True) -> tuple[dict, dict]:
+    """({"train", "validation"} raw datasets, {split: {"<reason> <column>": rows dropped}}): columns checked
+    against the task, rows the task cannot use dropped and counted (data.bad_rows), every drop reported."""
     # Loading happens on the main process first; the others then hit datasets' cache.
     with acc.main_process_first() if acc is not None else contextlib.nullcontext():
         splits = load_raw_splits(recipe, Path(recipe.output_dir))
     if need_train and "train" not in splits:
         raise UserError("data: no training split; set data.train_file or data.dataset_name")
+    bad_rows = {}
     for name, ds in splits.items():
         check_columns(task, recipe.data, ds, name)
-    return splits
+        splits[name], bad_rows[name] = drop_bad_rows(
+            task, recipe.data, ds, name, split_source(recipe.data, name)
+        )
+        if bad_rows[name]:
+            counts = ", ".join(f"{n} {reason}" for reason, n in bad_rows[name].items())
+            message = f"data ({name}): dropped {sum(bad_rows[name].values())} of {len(ds)} rows ({counts})"
+            if acc is not None:
+                acc.print(message)
+            else:
+                logger.warning(message)
+    return splits, bad_rows
 
 
 def tokenizer_training_texts(recipe: Recipe, task: Task, splits: dict) -> list[str] | None:
@@ -355,10 +378,9 @@ def build_train_loaders(run: Run, splits: dict) -> None:
     run.data_stats["train"] = train_stats.as_dict()
     for split, s in run.data_stats.items():
         if s["source_truncated"] or s["target_truncated"] or s["dropped"]:
-            empty = f" ({s['empty_target']} with an empty target)" if s["empty_target"] else ""
             acc.print(
                 f"data ({split}): {s['source_truncated']} sources truncated, {s['target_truncated']} targets "
-                f"truncated, {s['dropped']} dropped{empty} of {s['examples']} (data.max_seq_len={data_cfg.max_seq_len})"
+                f"truncated, {s['dropped']} dropped of {s['examples']} (data.max_seq_len={data_cfg.max_seq_len})"
             )
     run.data_fingerprint = ckpt.data_fingerprint(train_ds)
     batch = recipe.train.per_device_train_batch_size
@@ -369,21 +391,14 @@ def build_train_loaders(run: Run, splits: dict) -> None:
     run.steps_per_epoch = steps_per_epoch(
         len(train_ds), batch, acc.num_processes, recipe.train.gradient_accumulation_steps
     )
+    t = recipe.train
+    run.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * run.steps_per_epoch)
 
 
 def build_generation_eval(run: Run, eval_raw) -> None:
     """Decoding settings, the encoded eval prompts and their batches (full set, and the periodic subset)."""
     e, data_cfg, task, tok = run.recipe.eval, run.recipe.data, run.task, run.tokenizer
-    rows = eval_raw.to_list()
-    # A row without a reference cannot be scored (every prediction would be "wrong" against ""): left out, counted.
-    rows = [r for r in rows if any(ref.strip() for ref in task.references(r, data_cfg))]
-    if len(rows) < len(eval_raw):
-        run.data_stats.setdefault("eval", {})["unscored_empty_reference"] = len(eval_raw) - len(rows)
-        run.accelerator.print(
-            f"data (eval): {len(eval_raw) - len(rows)} rows with an empty reference are not scored"
-        )
-    if not rows:
-        raise UserError("data: every evaluation row has an empty reference; check the target column")
+    rows = eval_raw.to_list()  # load_splits dropped the rows without a reference: none is scored against ""
     refs = [task.references(r, data_cfg) for r in rows]
     max_new = e.max_new_tokens or default_max_new_tokens(tok, refs)
     stops = tuple(e.stop_strings if e.stop_strings is not None else task.stop_strings)

@@ -12,10 +12,13 @@ a file that exists but does not parse is a one-line UserError naming it.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ PREDICTIONS = "predictions.jsonl"
 MODEL_DIR = "model"
 MODEL_INFO = "hftoolkit.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".hftoolkit.lock"
 # What makes an output_dir "hold a run" (train refuses to write into it without resume or overwrite).
 RUN_FILES = (RESULTS, METRICS, CHECKPOINTS, MODEL_DIR)
 
@@ -214,3 +218,67 @@ def read_run(run_dir: str | os.PathLike, *, require_results: bool = False) -> Ru
     run.train, run.evals = read_metrics(path)
     run.predictions = read_predictions(path)
     return run
+
+
+# ---------------------------------------------------------------------------------------------- one run per folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def acquire_lock(run_dir: Path, say=print) -> None:
+    """Make this process the only run writing into `run_dir` (the launch's main process calls it).
+
+    The lock file (process id, host, start time) appears whole or not at all: written beside it, then hard-linked
+    into place, which fails if another run holds it. A lock whose process is gone from this host is taken over with
+    a message; one held by a live process, or by another host, refuses the run. Released at exit (and by
+    `release_lock`); a lock of this very process (an earlier run in the same Python session) is reused.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{LOCK}.{os.getpid()}"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                holder = read_json_object(path, "delete it if no run is using the folder")
+                if holder.get("host") != me["host"] or (
+                    holder.get("pid") != me["pid"] and _alive(holder["pid"])
+                ):
+                    raise UserError(
+                        f"output_dir: {run_dir} is in use by another run (process {holder.get('pid')} on "
+                        f"{holder.get('host')}, started {holder.get('started')}); wait for it to end or choose "
+                        "another output_dir"
+                    ) from None
+                if holder.get("pid") != me["pid"]:
+                    say(f"output_dir: taking over the lock of process {holder.get('pid')} (started "
+                        f"{holder.get('started')}), which is no longer running")  # fmt: skip
+                path.unlink(missing_ok=True)
+        else:
+            raise UserError(f"output_dir: could not lock {run_dir} ({path} keeps reappearing); try again")
+    finally:
+        tmp.unlink(missing_ok=True)
+    atexit.register(release_lock, run_dir)
+
+
+def release_lock(run_dir: Path) -> None:
+    """Remove `run_dir`'s lock if this process holds it."""
+    path = Path(run_dir) / LOCK
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)

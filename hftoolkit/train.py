@@ -205,9 +205,7 @@ def train(recipe: Recipe) -> dict:
 
     run: Run = prepare_run(recipe, mode="train")
     acc, cfg, out = run.accelerator, recipe.train, run.out
-    total_steps = (
-        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * run.steps_per_epoch)
-    )
+    total_steps = run.total_steps
     optimizer = build_optimizer(run.model, cfg, acc.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps, acc.num_processes)
     # prepare: wraps the model (DDP/FSDP/DeepSpeed), shards the loaders, and makes the optimizer/scheduler
@@ -283,6 +281,7 @@ def finish(run: Run, progress: Progress, results: dict) -> dict:
             acc.print(f"pushed to {url}")
     acc.wait_for_everyone()
     acc.end_training()
+    rundir.release_lock(run.out)
     return results
 
 
@@ -293,4 +292,5 @@ def evaluate_only(recipe: Recipe) -> dict:
     results = {"final": run.evaluate(step=0, final=True, subset=False)}
     results = run.write_results(results)
     run.accelerator.end_training()
+    rundir.release_lock(run.out)
     return results

@@ -61,7 +61,7 @@ BAD_EXTENSION = f"{E2E}::test_bad_extension_is_the_documented_line"
 RESUME_UNPACKED = "tests/test_resume.py::test_resume_unpacked_across_an_epoch_boundary_is_exact"
 RESUME_SIGTERM = "tests/test_resume.py::test_sigterm_saves_a_checkpoint_and_says_how_to_resume"
 PACKED_APART = f"{UNIT}::test_packed_examples_never_predict_each_other"
-EMPTY_TARGET = "tests/test_tasks.py::test_rows_with_an_empty_target_are_dropped_counted_and_not_scored"
+BAD_ROWS = "tests/test_tasks.py::test_rows_the_task_cannot_use_are_dropped_counted_and_not_scored"
 EMPTY_COMPLETION = "tests/test_completion.py::test_empty_completion_rows_are_dropped_and_counted"
 EMPTY_FILE = f"{E2E}::test_empty_train_file_says_the_split_is_empty"
 RESOLVED_CONFIG = "tests/test_tasks.py::test_config_yaml_is_the_resolved_recipe"
@@ -207,9 +207,12 @@ MUTANTS = [
       "labels[r, at] = -100", "pass",
       (PACKED_APART,)),
     # -- rows without a target are dropped and counted, never trained on
-    M("empty-target-trained-on", "hftoolkit/data.py",
-      "if empty or fixed + 1 > max_len:", "if fixed + 1 > max_len:",
-      (EMPTY_TARGET, EMPTY_COMPLETION)),
+    M("bad-rows-kept", "hftoolkit/data.py",
+      "if (problem := task.row_problem(row, data_cfg)) is not None:", "if (problem := None) is not None:",
+      (BAD_ROWS, EMPTY_COMPLETION)),
+    M("null-field-read-as-empty-string", "hftoolkit/tasks/base.py",
+      'return "null"', "return None",
+      (BAD_ROWS,)),
     # -- config.yaml is the resolved recipe (task defaults filled in before it is written)
     M("config-saved-unresolved", "hftoolkit/run.py",
       "task = resolve_recipe(recipe)\n", "task = get_task(recipe.task)\n",

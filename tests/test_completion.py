@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from hftoolkit.data import encode_supervised, tokenize_split
+from hftoolkit.data import encode_supervised
 from hftoolkit.errors import UserError
 from hftoolkit.evaluation import compute_scores
 from hftoolkit.tasks import get_task
@@ -125,18 +125,19 @@ def test_truncation_cuts_the_named_field_never_the_target(gpt2_tokenizer):
     assert text.endswith("\nkeep me\n### Response: the answer<|endoftext|>")
 
 
-def test_empty_completion_rows_are_dropped_and_counted(gpt2_tokenizer):
-    """If this fails, a row with an empty or missing output is trained on as "stop at once" without a word."""
+def test_empty_completion_rows_are_dropped_and_counted():
+    """If this fails, a row with an empty or null output is trained on as "stop at once" without a word, or a row
+    whose optional prompt field is empty (Alpaca's input) is thrown away."""
     from datasets import Dataset
 
-    task, cfg = get_task("completion"), data_cfg()
-    rows = [
-        *ALPACA_ROWS[:3],
-        {"instruction": "x", "input": "y", "output": ""},
-        {"instruction": "x", "input": "y", "output": None},
-    ]
-    ds, stats = tokenize_split(task, gpt2_tokenizer, Dataset.from_list(rows), cfg, 64, packing=True)
-    assert (len(ds), stats.dropped, stats.empty_target) == (3, 2, 2)
+    from hftoolkit.data import drop_bad_rows
+
+    task, cfg = get_task("completion"), data_cfg(bad_rows="drop", max_bad_rows_share=0.5)
+    rows = [*ALPACA_ROWS[:4], {"instruction": "x", "input": "y", "output": ""},
+            {"instruction": "x", "input": "y", "output": None}, {"instruction": "", "input": "", "output": "z"}]  # fmt: skip
+    kept, counts = drop_bad_rows(task, cfg, Dataset.from_list(rows), "train", "rows.jsonl")
+    assert counts == {"empty output": 1, "null output": 1, "empty prompt": 1}
+    assert kept.to_list() == ALPACA_ROWS[:4]  # rows 3 and 4 have an empty input, and are kept
 
 
 def test_missing_template_field_names_the_field_and_the_columns(alpaca_files, tmp_path, cli):

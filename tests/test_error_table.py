@@ -29,7 +29,8 @@ def readme_rows() -> dict[str, list[str]]:
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[0] not in ("bad input", "---"):
-            rows[cells[0]] = re.findall(r"`([^`]+)`", cells[1])
+            # The messages are the backticked snippets with words (the others name a file or a key).
+            rows[cells[0]] = [m for m in re.findall(r"`([^`]+)`", cells[1]) if " " in m]
     return rows
 
 
@@ -140,6 +141,55 @@ def case_missing_column(tmp_path, cli, monkeypatch):
 
 def case_too_few_rows(tmp_path, cli, monkeypatch):
     return error_lines(cli("train", QA, *qa_files(tmp_path, json.dumps(SQUAD_ROW) + "\n")))
+
+
+def messy_qa(tmp_path: Path, bad: int) -> list[str]:
+    """10 QA rows whose first `bad` have a whitespace-only question."""
+    rows = [dict(SQUAD_ROW, question=" " if i < bad else SQUAD_ROW["question"]) for i in range(10)]
+    overrides = qa_files(tmp_path, "".join(json.dumps(r) + "\n" for r in rows))
+    return [*overrides, f"data.validation_file={tmp_path / 'rows.jsonl'}"]
+
+
+def case_unusable_rows(tmp_path, cli, monkeypatch):
+    return error_lines(cli("train", QA, *messy_qa(tmp_path, 2)))
+
+
+def case_unusable_rows_error(tmp_path, cli, monkeypatch):
+    return error_lines(cli("train", QA, *messy_qa(tmp_path, 1), "data.bad_rows=error"))
+
+
+def case_no_usable_row(tmp_path, cli, monkeypatch):
+    return error_lines(cli("train", QA, *messy_qa(tmp_path, 10)))
+
+
+def case_output_dir_in_use(tmp_path, cli, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from hftoolkit.rundir import LOCK
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run").mkdir()
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "2026-12-01 09:00:00"}
+        (tmp_path / "run" / LOCK).write_text(json.dumps(lock))
+        return error_lines(cli("train", QA, *tiny_overrides(tmp_path / "run")))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def case_fewer_steps(tmp_path, cli, monkeypatch):
+    out = tmp_path / "run"
+    trained_with_checkpoint(cli, out)
+    resume = [
+        *tiny_overrides(out),
+        "train.max_steps=1",
+        "train.resume_from_checkpoint=latest",
+        "eval.baseline=false",
+    ]
+    return error_lines(cli("train", QA, *resume))
 
 
 def case_language_absent(tmp_path, cli, monkeypatch):
@@ -268,6 +318,11 @@ CASES = {
     "malformed JSON line / undecodable bytes": case_malformed_json_or_bytes,
     "empty dataset or split": case_empty_split,
     "missing column": case_missing_column,
+    "rows with a null, missing, empty or whitespace-only field the task needs": case_unusable_rows,
+    "the same with `data.bad_rows: error`": case_unusable_rows_error,
+    "a split with no usable row": case_no_usable_row,
+    "another run is writing into output_dir": case_output_dir_in_use,
+    "resume to fewer steps than the checkpoint has": case_fewer_steps,
     "no validation data and too few rows to hold some out": case_too_few_rows,
     "translation language absent": case_language_absent,
     "model path missing": case_model_path_missing,

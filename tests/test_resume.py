@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -257,3 +258,52 @@ def test_resume_from_a_missing_checkpoint_is_a_clean_error(tmp_path, cli):
     )
     line = one_line_error(code, err)
     assert code == 2 and "train.resume_from_checkpoint" in line and "/nonexistent/step-0000002" in line
+
+
+# ------------------------------------------------------------------------------------------------ repeated kills
+
+
+def wait_for(predicate, proc, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, f"the run never reached {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow  # four subprocesses (~10 s of imports each)
+def test_a_run_killed_again_and_again_ends_like_an_uninterrupted_one(straight, qa_files, tmp_path):
+    """SIGKILL during a checkpoint save, at a random moment between saves, and while model/ is being written; each
+    time the run resumes from `latest`. The last resume ends with the straight run's losses and weights. Failing
+    means a kill can corrupt a checkpoint or model/, leave a lock that blocks the resume, or a resume is inexact."""
+    out = tmp_path / "run"
+    args = [*overrides(out, qa_files, **ACCUMULATION), "train.save_steps=1"]
+    env = {**os.environ, "HFTOOLKIT_TEST_SAVE_DELAY": "1"}
+    rng = random.Random(0)
+    checkpoints = out / "checkpoints"
+    kill_moments = [
+        ("during the save of checkpoint 2", lambda: (checkpoints / ".tmp-step-0000002" / "random_states_0.pkl").exists()),
+        ("between saves after checkpoint 3", lambda: (checkpoints / "step-0000003").exists()),
+        ("while model/ is written", lambda: any(out.glob(".model.*/model.safetensors"))),
+    ]  # fmt: skip
+    for i, (what, reached) in enumerate(kill_moments):
+        cmd = [sys.executable, "-m", "hftoolkit", "train", QA, *args]
+        cmd += ["train.resume_from_checkpoint=latest"] if i else []
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wait_for(reached, proc, what)
+        time.sleep(rng.uniform(0, 0.3) if i == 1 else 0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL, what
+    assert not (out / "model").exists()  # killed before the swap: no half model/
+    final = subprocess.run(
+        [sys.executable, "-m", "hftoolkit", "train", QA, *args, "train.resume_from_checkpoint=latest"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert "taking over the lock of process" in final.stdout
+    assert_same_training(straight, out)
+    assert len(train_losses(out)) == 4

@@ -99,22 +99,54 @@ def test_a_template_without_the_source_placeholder_is_one_line(tmp_path, cli):
     ]
 
 
-def test_rows_with_an_empty_target_are_dropped_counted_and_not_scored(tmp_path, cli):
-    """If this fails, a blank summary is trained on as "stop at once", or scored as an empty reference."""
+def messy_summaries(tmp_path, bad: dict[int, dict]) -> list[str]:
+    """12 training rows (the first 6 also the validation file) with `bad` replacing some; overrides to train."""
     rows = [
         {"document": f"Ann met Bob in town number {i} .", "summary": f"Ann met Bob {i} ."} for i in range(12)
     ]
-    rows[3]["summary"] = ""
-    rows[5]["summary"] = None
+    for i, row in bad.items():
+        rows[i] = row
     for name, part in (("train", rows), ("val", rows[:6])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    out = tmp_path / "run"
-    overrides = [*tiny_overrides(out), "data.synthetic=null", f"data.train_file={tmp_path / 'train.jsonl'}",
-                 f"data.validation_file={tmp_path / 'val.jsonl'}", "train.max_steps=1"]  # fmt: skip
+    return [*tiny_overrides(tmp_path / "run"), "data.synthetic=null", f"data.train_file={tmp_path / 'train.jsonl'}",
+            f"data.validation_file={tmp_path / 'val.jsonl'}", "train.max_steps=1"]  # fmt: skip
+
+
+BAD = {3: {"document": "Ann met Bob .", "summary": ""}, 5: {"document": "Ann met Bob .", "summary": None},
+       8: {"document": "  \n ", "summary": "Ann met Bob ."}, 9: {"summary": "Ann met Bob ."}}  # fmt: skip
+
+
+def test_rows_the_task_cannot_use_are_dropped_counted_and_not_scored(tmp_path, cli):
+    """If this fails, a blank, null or missing field is trained on as an empty string, or scored as an empty
+    reference, without a word."""
+    overrides = [*messy_summaries(tmp_path, BAD), "data.max_bad_rows_share=0.4"]
     code, printed, err = cli("train", f"{QS}/summarization.yaml", *overrides)
     assert code == 0, err
-    data = json.loads((out / "results.json").read_text())["data"]
-    assert (data["train"]["dropped"], data["train"]["empty_target"]) == (2, 2)
-    assert data["eval"]["unscored_empty_reference"] == 2
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
-    assert "2 dropped (2 with an empty target) of 12" in printed
+    data = json.loads((tmp_path / "run" / "results.json").read_text())["data"]
+    assert data["train"]["bad_rows"] == {
+        "empty summary": 1, "null summary": 1, "whitespace-only document": 1, "null document": 1
+    }  # fmt: skip
+    assert data["train"]["examples"] == 8
+    assert data["eval"]["bad_rows"] == {"empty summary": 1, "null summary": 1}
+    assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 4
+    assert "data (train): dropped 4 of 12 rows (1 empty summary, 1 null summary, " in printed
+
+
+def test_too_many_bad_rows_or_bad_rows_error_name_the_rows(tmp_path, cli):
+    """If this fails, a file that is mostly broken trains on what is left without stopping, or data.bad_rows=error
+    does not say which rows to fix."""
+    code, _, err = cli("train", f"{QS}/summarization.yaml", *messy_summaries(tmp_path, BAD))
+    line = next(x for x in err.splitlines() if x.startswith("error"))
+    assert code == 2 and line == (
+        f"error: data: 4 of 12 train rows in {tmp_path / 'train.jsonl'} are unusable (1 empty summary, 1 null summary, "
+        "1 whitespace-only document, 1 null document; rows 4, 6, 9, 10), more than data.max_bad_rows_share=0.05; "
+        "fix the data or raise that share"
+    )
+    code, _, err = cli(
+        "train", f"{QS}/summarization.yaml", *messy_summaries(tmp_path, {8: BAD[8]}), "data.bad_rows=error"
+    )
+    line = next(x for x in err.splitlines() if x.startswith("error"))
+    assert code == 2 and line == (
+        f"error: data: 1 unusable train row(s) in {tmp_path / 'train.jsonl'} (1 whitespace-only document; rows 9); "
+        "fix them, or set data.bad_rows=drop to leave them out"
+    )

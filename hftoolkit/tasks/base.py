@@ -102,6 +102,8 @@ class Task(Protocol):
 
     def postprocess(self, completion: str, stop_strings) -> str: ...
 
+    def row_problem(self, row: dict[str, Any], data_cfg) -> str | None: ...
+
     def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]: ...
 
     def languages(self, data: dict[str, Any]) -> list[str] | None: ...
@@ -142,6 +144,23 @@ class BaseTask:
     def postprocess(self, completion: str, stop_strings) -> str:
         return cut_at_stop(completion, stop_strings)
 
+    def row_problem(self, row: dict[str, Any], data_cfg) -> str | None:
+        """Why this row can be neither trained on nor scored, as "<reason> <column>" ("null summary", "empty
+        document", "whitespace-only text", "empty target"), or None. The built-in tasks need every column they
+        read; a task with optional prompt fields overrides this."""
+        for name in self.required_columns(data_cfg, list(row)):
+            if name not in row:
+                return f"missing {name}"
+            if (reason := blank_reason(row[name])) is not None:
+                return f"{reason} {name}"
+        if not self.target(row, data_cfg).strip():  # e.g. a translation pair whose target language is null
+            return "empty target"
+        if self.tokenization == "completion":
+            source = self.template(data_cfg).source_field
+            if source and not self.fields(row, data_cfg).get(source, "").strip():
+                return "empty source"
+        return None
+
     def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]:
         """A 0-100 score per example for predictions.jsonl (the report's best/worst listings); None: no score."""
         return [None] * len(predictions)
@@ -157,10 +176,24 @@ def column(row: dict[str, Any], name: str, what: str) -> Any:
     return row[name]
 
 
+def blank_reason(value: Any) -> str | None:
+    """ "null", "empty" or "whitespace-only" when a cell holds no text (lists and SQuAD answers: no item with
+    text), else None."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return None if value.strip() else ("whitespace-only" if value else "empty")
+    if isinstance(value, dict) and "text" in value:
+        value = value["text"]
+    if isinstance(value, (list, tuple)):
+        return None if any(blank_reason(v) is None for v in value) else "empty"
+    return None
+
+
 def as_text(value: Any) -> str:
     """A cell as one string: lists of sentences (SciTLDR-style) are joined with spaces."""
     if isinstance(value, (list, tuple)):
-        return " ".join(str(v).strip() for v in value)
+        return " ".join(str(v).strip() for v in value if v is not None)
     return "" if value is None else str(value)
 
 
@@ -169,7 +202,7 @@ def as_references(value: Any) -> list[str]:
     if isinstance(value, dict) and "text" in value:  # SQuAD `answers`
         value = value["text"]
     if isinstance(value, (list, tuple)):
-        refs = [str(v).strip() for v in value if str(v).strip()]
+        refs = [str(v).strip() for v in value if v is not None and str(v).strip()]
         return refs or [""]
     return [as_text(value).strip()]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import string
 
 from hftoolkit.errors import UserError
-from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_text, column
+from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_text, blank_reason, column
 
 # The synthetic set: route a support message to its team by the keyword it mentions.
 SYNTHETIC_TEMPLATE = "Message: {text}\nCategory:"
@@ -111,6 +111,23 @@ class CompletionTask(BaseTask):
 
     def references(self, row, data_cfg) -> list[str]:
         return [self.target(row, data_cfg)]
+
+    def row_problem(self, row, data_cfg) -> str | None:
+        """Prompt fields may be empty (Alpaca's input often is) but not null or absent, nor all blank; the
+        target must have text."""
+        for name in self.required_columns(data_cfg, list(row)):
+            if name not in row:
+                return f"missing {name}"
+            if row[name] is None:
+                return f"null {name}"
+        if not self.target(row, data_cfg):
+            column_name = data_cfg.target_column
+            reason = blank_reason(row.get(column_name)) if column_name else None
+            return f"{reason or 'empty'} {column_name or 'target'}"
+        fields = self.fields(row, data_cfg)
+        if fields and not any(fields.values()):
+            return "empty prompt"
+        return None
 
     def score_examples(self, predictions, references):
         from hftoolkit.metrics import rouge_per_example

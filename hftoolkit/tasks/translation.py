@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from hftoolkit.errors import UserError
-from hftoolkit.tasks.base import BaseTask, PromptTemplate, column
+from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_text, column
 
 LANGUAGE_NAMES = {
     "en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish", "it": "Italian",
@@ -66,13 +66,16 @@ class TranslationTask(BaseTask):
 
     def fields(self, row, data_cfg) -> dict[str, str]:
         pair = self._pair(row, data_cfg)
-        return {"source": " ".join(str(pair[data_cfg.source_lang]).split()), **self.fixed_fields(data_cfg)}
+        return {
+            "source": " ".join(as_text(pair[data_cfg.source_lang]).split()),
+            **self.fixed_fields(data_cfg),
+        }
 
     def references(self, row, data_cfg) -> list[str]:
         pair = self._pair(row, data_cfg)
         value = pair[data_cfg.target_lang]
         values = value if isinstance(value, list) else [value]
-        return [" ".join(str(v).split()) for v in values]
+        return [" ".join(as_text(v).split()) for v in values]
 
     def target(self, row, data_cfg) -> str:
         return self.references(row, data_cfg)[0]
