@@ -452,6 +452,14 @@ def validate(r: Recipe) -> None:
         "train.num_train_epochs: must be > 0 (or set train.max_steps > 0)",
     )
     need(t.max_grad_norm >= 0, "train.max_grad_norm: must be ≥ 0 (0 disables clipping)")
+    from transformers import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    need(
+        t.lr_scheduler_type in schedulers,
+        f"train.lr_scheduler_type: '{t.lr_scheduler_type}' is not a transformers scheduler (choose one of: "
+        f"{', '.join(schedulers)})",
+    )
     need(t.weight_decay >= 0, "train.weight_decay: must be ≥ 0")
     need(t.logging_steps >= 1, "train.logging_steps: must be ≥ 1")
     for name in ("eval_steps", "save_steps", "save_total_limit"):

@@ -116,8 +116,10 @@ def _short(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:200]
 
 
-def load_raw_splits(recipe, output_dir: Path):
-    """{"train": Dataset, "validation": Dataset} per the recipe's data section (synthetic / files / Hub)."""
+def load_raw_splits(recipe, output_dir: Path, task) -> tuple[dict, dict]:
+    """({"train": Dataset, "validation": Dataset}, {split: {"<reason> <column>": rows dropped}}) per the recipe's
+    data section (synthetic / files / Hub): columns checked against the task, and the rows it cannot use dropped
+    from each source split before a validation part is held out (so data.max_bad_rows_share applies to the file)."""
     from datasets import DatasetDict, load_dataset
 
     d = recipe.data
@@ -149,6 +151,11 @@ def load_raw_splits(recipe, output_dir: Path):
     )
     if train_name is None and eval_name is None:
         raise UserError(f"data.train_split: split '{d.train_split}' not found (splits: {', '.join(names)})")
+    sources, bad_rows = {"train": train_name, "validation": eval_name}, {}
+    for split, name in sources.items():
+        if name is not None:
+            check_columns(task, d, raw[name], split)
+            raw[name], bad_rows[split] = drop_bad_rows(task, d, raw[name], split, split_source(d, split))
     splits = {}
     if train_name is not None and eval_name is not None:
         splits = {"train": raw[train_name], "validation": raw[eval_name]}
@@ -172,7 +179,7 @@ def load_raw_splits(recipe, output_dir: Path):
     for split, ds in splits.items():
         if len(ds) == 0:
             raise UserError(f"data: the {split} split is empty; check the file or data.{split}_split")
-    return splits
+    return splits, bad_rows
 
 
 def split_source(data_cfg, split: str) -> str:

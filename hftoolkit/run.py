@@ -20,10 +20,7 @@ from hftoolkit.config import Recipe, flatten, save_recipe, to_dict
 from hftoolkit.data import (
     build_eval_loader,
     build_train_loader,
-    check_columns,
-    drop_bad_rows,
     load_raw_splits,
-    split_source,
     steps_per_epoch,
     tokenize_split,
 )
@@ -216,7 +213,7 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
     run.model, run.packing, run.targets_only = prepare_model(model, recipe, acc)
     build_train_loaders(run, splits)
     for split, counts in bad_rows.items():  # results.json says what was left out, and why
-        run.data_stats["eval" if split == "validation" else split]["bad_rows"] = counts
+        run.data_stats.setdefault("eval" if split == "validation" else split, {})["bad_rows"] = counts
     if task.generates:
         build_generation_eval(run, splits["validation"])
     if resume_from is not None:
@@ -267,18 +264,13 @@ def load_splits(recipe: Recipe, task: Task, acc=None, need_train: bool = True) -
     against the task, rows the task cannot use dropped and counted (data.bad_rows), every drop reported."""
     # Loading happens on the main process first; the others then hit datasets' cache.
     with acc.main_process_first() if acc is not None else contextlib.nullcontext():
-        splits = load_raw_splits(recipe, Path(recipe.output_dir))
+        splits, bad_rows = load_raw_splits(recipe, Path(recipe.output_dir), task)
     if need_train and "train" not in splits:
         raise UserError("data: no training split; set data.train_file or data.dataset_name")
-    bad_rows = {}
-    for name, ds in splits.items():
-        check_columns(task, recipe.data, ds, name)
-        splits[name], bad_rows[name] = drop_bad_rows(
-            task, recipe.data, ds, name, split_source(recipe.data, name)
-        )
-        if bad_rows[name]:
-            counts = ", ".join(f"{n} {reason}" for reason, n in bad_rows[name].items())
-            message = f"data ({name}): dropped {sum(bad_rows[name].values())} of {len(ds)} rows ({counts})"
+    for name, counts in bad_rows.items():
+        if counts:
+            shown = ", ".join(f"{n} {reason}" for reason, n in counts.items())
+            message = f"data ({name}): dropped {sum(counts.values())} unusable rows ({shown})"
             if acc is not None:
                 acc.print(message)
             else:
@@ -456,6 +448,13 @@ def make_accelerator(recipe: Recipe):
     if recipe.train.mixed_precision is not None:
         kwargs["mixed_precision"] = recipe.train.mixed_precision
     if recipe.report_to != "none":
+        import importlib.util
+
+        # accelerate only warns when the tracker is missing, and the run would then log nowhere.
+        if importlib.util.find_spec(recipe.report_to) is None:
+            raise UserError(
+                f"report_to: {recipe.report_to} is not installed; pip install {recipe.report_to}, or set report_to=none"
+            )
         kwargs["log_with"] = recipe.report_to
     acc = Accelerator(
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,

@@ -109,6 +109,20 @@ def case_push_without_repo(tmp_path, cli, monkeypatch):
     return error_lines(cli("train", QA, *tiny_overrides(tmp_path / "o"), "hub.push=true"))
 
 
+def case_unknown_scheduler(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", QA, "train.lr_scheduler_type=x"))
+
+
+def case_tracker_not_installed(tmp_path, cli, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    return error_lines(cli("train", QA, *tiny_overrides(tmp_path / "o"), "report_to=wandb"))
+
+
 def case_missing_file_or_extension(tmp_path, cli, monkeypatch):
     missing = error_lines(
         cli("train", QA, *qa_files(tmp_path, ""), f"data.train_file={tmp_path / 'nope.jsonl'}")
@@ -314,6 +328,8 @@ CASES = {
     "out-of-range value": case_out_of_range,
     "unknown task / metric": case_unknown_task_or_metric,
     "Hub push without repo id": case_push_without_repo,
+    "unknown learning-rate schedule": case_unknown_scheduler,
+    "tracker not installed": case_tracker_not_installed,
     "missing data file / bad extension": case_missing_file_or_extension,
     "malformed JSON line / undecodable bytes": case_malformed_json_or_bytes,
     "empty dataset or split": case_empty_split,

@@ -129,7 +129,7 @@ def test_rows_the_task_cannot_use_are_dropped_counted_and_not_scored(tmp_path, c
     assert data["train"]["examples"] == 8
     assert data["eval"]["bad_rows"] == {"empty summary": 1, "null summary": 1}
     assert len((tmp_path / "run" / "predictions.jsonl").read_text().splitlines()) == 4
-    assert "data (train): dropped 4 of 12 rows (1 empty summary, 1 null summary, " in printed
+    assert "data (train): dropped 4 unusable rows (1 empty summary, 1 null summary, " in printed
 
 
 def test_too_many_bad_rows_or_bad_rows_error_name_the_rows(tmp_path, cli):

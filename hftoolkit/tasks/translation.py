@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from hftoolkit.errors import UserError
-from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_text, column
+from hftoolkit.tasks.base import BaseTask, PromptTemplate, as_text, blank_reason, column
 
 LANGUAGE_NAMES = {
     "en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish", "it": "Italian",
@@ -63,6 +63,21 @@ class TranslationTask(BaseTask):
     def fixed_fields(self, data_cfg) -> dict[str, str]:
         src, tgt = self.langs(data_cfg)
         return {"source_lang": language_name(src or "en"), "target_lang": language_name(tgt or "de")}
+
+    def row_problem(self, row, data_cfg) -> str | None:
+        """By language: "null translation.de", "whitespace-only translation.en", ..."""
+        name = data_cfg.translation_column
+        if name not in row:
+            return f"missing {name}"
+        pair = row[name]
+        if pair is None:
+            return f"null {name}"
+        if isinstance(pair, dict):  # any other layout is _pair's one-line error
+            for lang in (data_cfg.source_lang, data_cfg.target_lang):
+                reason = "missing" if lang not in pair else blank_reason(pair[lang])
+                if reason is not None:
+                    return f"{reason} {name}.{lang}"
+        return None
 
     def fields(self, row, data_cfg) -> dict[str, str]:
         pair = self._pair(row, data_cfg)
