@@ -194,16 +194,16 @@ def case_output_dir_in_use(tmp_path, cli, monkeypatch):
         holder.wait()
 
 
-def case_fewer_steps(tmp_path, cli, monkeypatch):
+def resumed_with(tmp_path, cli, *changes: str) -> list[str]:
+    """Train 2 steps with a checkpoint each, then resume from the latest with `changes`: the error line."""
     out = tmp_path / "run"
     trained_with_checkpoint(cli, out)
-    resume = [
-        *tiny_overrides(out),
-        "train.max_steps=1",
-        "train.resume_from_checkpoint=latest",
-        "eval.baseline=false",
-    ]
+    resume = [*tiny_overrides(out), "train.max_steps=2", "train.resume_from_checkpoint=latest", *changes]
     return error_lines(cli("train", QA, *resume))
+
+
+def case_fewer_steps(tmp_path, cli, monkeypatch):
+    return resumed_with(tmp_path, cli, "train.max_steps=1")
 
 
 def case_language_absent(tmp_path, cli, monkeypatch):
@@ -264,15 +264,7 @@ def case_missing_checkpoint(tmp_path, cli, monkeypatch):
 
 
 def case_resume_changed(tmp_path, cli, monkeypatch):
-    out = tmp_path / "run"
-    trained_with_checkpoint(cli, out)
-    resume = [
-        *tiny_overrides(out),
-        "train.max_steps=2",
-        "train.resume_from_checkpoint=latest",
-        "train.learning_rate=0.002",
-    ]
-    return error_lines(cli("train", QA, *resume))
+    return resumed_with(tmp_path, cli, "train.learning_rate=0.002")
 
 
 def case_disk_full(tmp_path, cli, monkeypatch):
