@@ -20,7 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from hftoolkit.report import fmt, is_number, results_table, throughput_summary
+from hftoolkit.report import fmt, is_number, publication_note, results_table, throughput_summary
 from hftoolkit.rundir import ModelInfo, read_json_object, read_run
 from hftoolkit.tasks import TASKS, lower_is_better
 
@@ -128,6 +128,8 @@ def _evaluation_section(run, dataset, lower) -> list[str]:
     # Both baseline and fine-tuned here; model-index (metadata) carries the fine-tuned scores only.
     lines = ["## Evaluation", ""]
     lines += results_table(run.baseline(), run.final(), lower)
+    if note := publication_note(run.results):
+        lines += ["", note]
     lines += [
         "",
         f"On `{dataset['name']}`"

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hftoolkit.atomic import atomic_write_json, fsync_dir, fsync_tree
@@ -45,6 +45,8 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches consumed in the current epoch (per process)
+    best: dict = field(default_factory=dict)  # {"step", "metric", "value", "checkpoint"} (selection.py)
+    evals_without_improvement: int = 0  # early stopping's patience counter
 
 
 def training_config(recipe) -> dict:
@@ -77,6 +79,10 @@ def disk_full_is_user_error(what: Path):
             f"no space left on the device while saving {what}; free some space (or lower train.save_total_limit) "
             "and resume with train.resume_from_checkpoint=latest — earlier checkpoints are intact"
         ) from None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -114,17 +120,21 @@ def read_state(checkpoint: Path) -> dict:
 def save(run, progress: Progress) -> Path:
     """Checkpoint `run` (a run.Run) at `progress`: accelerate's state plus TRAINER_STATE."""
     state = {
-        "step": progress.step,
-        "epoch": progress.epoch,
-        "batches_in_epoch": progress.batches_in_epoch,
+        **asdict(progress),
         "total_steps": run.total_steps,
         "data_fingerprint": run.data_fingerprint,
         "training_config": training_config(run.recipe),
         "num_processes": run.accelerator.num_processes,
         "config": to_dict(run.recipe),
     }
+    best = progress.best.get("checkpoint")
     path = save_checkpoint(
-        run.accelerator, run.out / "checkpoints", progress.step, state, run.recipe.train.save_total_limit
+        run.accelerator,
+        run.out / "checkpoints",
+        progress.step,
+        state,
+        run.recipe.train.save_total_limit,
+        keep_also=run.out / best if best else None,
     )
     run.accelerator.print(f"checkpoint saved: {path}")
     return path
@@ -135,7 +145,13 @@ def restore(accelerator, path: Path) -> Progress:
     accelerator.load_state(str(path))
     state = read_state(path)
     accelerator.print(f"resumed from {path} at step {state['step']}")
-    return Progress(state["step"], state["epoch"], state["batches_in_epoch"])
+    return Progress(
+        state["step"],
+        state["epoch"],
+        state["batches_in_epoch"],
+        state.get("best", {}),
+        state.get("evals_without_improvement", 0),
+    )
 
 
 def check_resume_compatible(run, path: Path) -> None:
@@ -193,14 +209,21 @@ def check_length(run, state: dict, path: Path) -> None:
     )
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, state: dict, keep: int | None) -> Path:
+def save_checkpoint(
+    accelerator,
+    checkpoints_dir: Path,
+    step: int,
+    state: dict,
+    keep: int | None,
+    keep_also: Path | None = None,
+) -> Path:
     """save_state into a temp folder on every process, then the main process fsyncs and renames it.
 
     `state` (step, epoch, fingerprints, ...) is written last, inside the temp folder, so a folder named
     step-N always holds a complete state.
     """
-    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
+    final = checkpoints_dir / checkpoint_name(step)
+    tmp = checkpoints_dir / f".tmp-{checkpoint_name(step)}"
     if accelerator.is_main_process:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         for stale in checkpoints_dir.glob(".tmp-*"):
@@ -226,8 +249,9 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, state: dict, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(checkpoints_dir)
-        if keep is not None:
+        if keep is not None:  # the newest `keep`, and `keep_also` (the best checkpoint) whatever its age
             for old in list_checkpoints(checkpoints_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if keep_also is None or old.resolve() != keep_also.resolve():
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

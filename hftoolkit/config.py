@@ -176,7 +176,19 @@ class TrainConfig:
     save_steps: int | None = None
     """Save a resumable checkpoint every N optimizer steps."""
     save_total_limit: int | None = 2
-    """Keep at most this many checkpoints (the oldest are deleted first)."""
+    """Keep at most this many checkpoints (the oldest are deleted first; the best one is always kept)."""
+    metric_for_best_model: str | None = None
+    """Score that picks the best periodic evaluation (default: the task's headline, e.g. rougeL; perplexity for
+    generation); any key of the eval lines, e.g. eval_loss."""
+    greater_is_better: bool | None = None
+    """Whether a larger metric_for_best_model is better (default: from the metric: losses and perplexity lower)."""
+    load_best_model_at_end: bool | None = None
+    """Publish the best periodic evaluation's weights in model/ and score them in the final evaluation (default: on
+    whenever eval_steps is set)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many periodic evaluations without an improvement of early_stopping_threshold (null: never)."""
+    early_stopping_threshold: float = 0.0
+    """The smallest change of metric_for_best_model that counts as an improvement."""
     resume_from_checkpoint: str | None = None
     """latest | PATH to a checkpoint folder."""
     overwrite_output_dir: bool = False
@@ -462,7 +474,13 @@ def validate(r: Recipe) -> None:
     )
     need(t.weight_decay >= 0, "train.weight_decay: must be ≥ 0")
     need(t.logging_steps >= 1, "train.logging_steps: must be ≥ 1")
-    for name in ("eval_steps", "save_steps", "save_total_limit"):
+    need(
+        t.early_stopping_patience is None or (t.early_stopping_patience >= 1 and t.eval_steps),
+        "train.early_stopping_patience: must be ≥ 1, and needs train.eval_steps (stopping is decided on the "
+        "periodic evaluations)",
+    )
+    need(t.early_stopping_threshold >= 0, "train.early_stopping_threshold: must be ≥ 0")
+    for name in ("eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
         value = getattr(t, name)
         need(value is None or value >= 1, f"train.{name}: must be ≥ 1 or null")
     need(d.max_seq_len >= 8, f"data.max_seq_len: {d.max_seq_len} is too small (≥ 8)")

@@ -67,6 +67,22 @@ def results_table(
     return rows
 
 
+def publication_note(results: dict) -> str | None:
+    """Which step model/ holds and why (results.json "best" / "stopped_early"), in one sentence; None without
+    periodic evaluations."""
+    best, stopped = results.get("best"), results.get("stopped_early")
+    if not best:
+        return None
+    metric = next(k for k in best if k not in ("step", "checkpoint", "published"))
+    if best.get("published"):
+        text = f"Published: the weights of step {best['step']}, the best periodic evaluation by {metric} ({fmt(best[metric])})"
+    else:
+        text = f"Published: the last step's weights (the best periodic evaluation was step {best['step']}, {metric} {fmt(best[metric])})"
+    if stopped:
+        text += f"; training stopped early at step {stopped['step']} ({stopped['reason']})"
+    return text + "."
+
+
 def throughput_summary(run: RunRecord) -> dict[str, float | int | None]:
     def mean(key: str) -> float | None:
         values = [line[key] for line in run.train if is_number(line.get(key))]
@@ -119,7 +135,13 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     plots_dir = run.path / "plots"
     written: list[Path] = []
 
-    def save(name: str, title: str, ylabel: str, series: list[tuple[str, list, list, dict]]) -> None:
+    def save(
+        name: str,
+        title: str,
+        ylabel: str,
+        series: list[tuple[str, list, list, dict]],
+        mark: int | None = None,
+    ) -> None:
         series = [s for s in series if s[1]]
         if not series:
             logger.info("no data for %s; skipping it", name)
@@ -132,6 +154,8 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
         ax = fig.add_subplot()
         for label, xs, ys, style in series:
             ax.plot(xs, ys, label=label, **style)
+        if mark is not None:
+            ax.axvline(mark, color="0.4", linestyle=":", label=f"published (step {mark})")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -158,6 +182,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
         f"{run.path.name}: {run.task} metrics",
         "perplexity" if names == ["perplexity"] else "score (0-100)",
         [(name, *_series(run.evals, name), marker) for name in names],
+        mark=best["step"] if (best := (run.results or {}).get("best")) and best.get("published") else None,
     )
     save(
         "throughput.png",
@@ -238,6 +263,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         lines += ["No results.json: the run did not finish its evaluation.", ""]
     else:
         lines += [*results_table(run.baseline(), run.final(), lower_is_better(run.task)), ""]
+        if note := publication_note(run.results):
+            lines += [note, ""]
         dataset = run.results.get("eval_dataset") or {}
         if dataset:
             lines += [
@@ -288,7 +315,7 @@ def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
     """A markdown table, one row per run: final metrics with their delta vs baseline in parentheses."""
     runs = [read_run(d, require_results=True) for d in run_dirs]
     names = metric_names(*[r.final() for r in runs], *[r.baseline() for r in runs])
-    header = ["run", "task", "model", "steps", *names]
+    header = ["run", "task", "model", "steps", "published", *names]
     rows = [header, ["---"] * 3 + ["---:"] * (len(header) - 3)]
     for run in runs:
         baseline, final = run.baseline(), run.final()
@@ -300,7 +327,9 @@ def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
                 cell += f" ({fmt(value - before, signed=True)})"
             cells.append(cell)
         steps = str(run.steps) if run.steps is not None else "-"
-        rows.append([str(run.path), run.task, run.model_name, steps, *cells])
+        best = (run.results or {}).get("best") or {}
+        published = f"step {best['step']} (best)" if best.get("published") else "last step"
+        rows.append([str(run.path), run.task, run.model_name, steps, published, *cells])
     table = ["| " + " | ".join(row) + " |" for row in rows]
     legend = (
         "Final scores (0-100; eval_loss and perplexity lower is better), delta vs baseline in parentheses."

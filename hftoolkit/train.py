@@ -23,6 +23,8 @@ from hftoolkit.errors import UserError
 from hftoolkit.evaluation import token_losses
 from hftoolkit.flops import device_peak_flops, flops_per_token
 from hftoolkit.run import Run, prepare_run
+from hftoolkit.selection import selection_for
+from hftoolkit.selection import update as update_best
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +226,12 @@ def train(recipe: Recipe) -> dict:
     if progress.step == 0 and recipe.eval.baseline:
         results["baseline"] = run.evaluate(step=0, final=False, subset=False)
     log, last_good = StepLogger(run, scheduler, progress.step), None
+    selection, stopped_early = selection_for(recipe, run.task), None
 
     # ================================================================ the loop
     model.train()
     with StopRequested() as stop, run.progress_bar(total_steps, progress.step) as bar:
-        while progress.step < total_steps:
+        while progress.step < total_steps and not stopped_early:
             for window in epoch_windows(train_loader, progress, cfg.gradient_accumulation_steps):
                 loss, grad_norm = optimizer_step(
                     acc, model, window, optimizer, scheduler, cfg.max_grad_norm, run.targets_only
@@ -241,10 +244,9 @@ def train(recipe: Recipe) -> dict:
                     log.write(progress, grad_norm, bar, last_good)  # the hot loop's only host syncs
 
                 with log.paused():
-                    if cfg.eval_steps and progress.step % cfg.eval_steps == 0 and progress.step < total_steps:
-                        run.evaluate(step=progress.step, final=False, subset=True)
+                    new_best, stopped_early = periodic_eval(run, progress, selection)
                     stop_now = stop.requested(acc, progress.step, every=cfg.logging_steps)
-                    if (cfg.save_steps and progress.step % cfg.save_steps == 0) or stop_now:
+                    if (cfg.save_steps and progress.step % cfg.save_steps == 0) or stop_now or new_best:
                         last_good = ckpt.save(run, progress)
                 if stop_now:
                     acc.print(
@@ -253,22 +255,65 @@ def train(recipe: Recipe) -> dict:
                     )
                     acc.end_training()
                     raise SystemExit(143)
-                if progress.step >= total_steps:
+                if progress.step >= total_steps or stopped_early:
                     break
             else:  # the epoch ran out of data (not out of steps): next epoch
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
     # ================================================================ end of the loop
-    return finish(run, progress, results)
+    if stopped_early:
+        acc.print(f"{stopped_early}; stopped at step {progress.step}")
+        results["stopped_early"] = {"step": progress.step, "reason": stopped_early}
+    return finish(run, progress, results, selection)
 
 
-def finish(run: Run, progress: Progress, results: dict) -> dict:
-    """After the last step: final checkpoint, final evaluation on the whole eval set, model/, results.json,
-    reports and model card, and the push when the recipe asks for it."""
+def periodic_eval(run: Run, progress: Progress, selection) -> tuple[bool, str | None]:
+    """The periodic evaluation, when one is due → (a new best to checkpoint now, why to stop early or None).
+
+    Due every train.eval_steps, and at the last step when the best will be published (so the last weights compete).
+    Every process computes the same scores from the same gathered predictions; the main process's decision is
+    broadcast all the same, so the ranks cannot part ways (one stopping while the others wait in a collective).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    if selection is None:  # no train.eval_steps
+        return False, None
+    step, last = progress.step, progress.step == run.total_steps
+    if not (last and selection.load_best or step % run.recipe.train.eval_steps == 0 and not last):
+        return False, None
+    scores = run.evaluate(step=step, final=False, subset=True)
+    new_best, stop = update_best(selection, progress, scores)
+    if new_best:
+        progress.best["checkpoint"] = f"{rundir.CHECKPOINTS}/{ckpt.checkpoint_name(step)}"
+    if run.accelerator.num_processes > 1:
+        decision = [new_best, stop, progress.best, progress.evals_without_improvement]
+        new_best, stop, progress.best, progress.evals_without_improvement = broadcast_object_list(decision)
+    return new_best, stop
+
+
+def finish(run: Run, progress: Progress, results: dict, selection=None) -> dict:
+    """After the last step: final checkpoint, the best checkpoint's weights back when they are to be published,
+    final evaluation on the whole eval set, model/, results.json, reports and model card, and the push when the
+    recipe asks for it."""
     acc, cfg, hub = run.accelerator, run.recipe.train, run.recipe.hub
     # A final checkpoint, unless that step just saved one.
     if cfg.save_steps and progress.step % cfg.save_steps:
         ckpt.save(run, progress)
+    best = progress.best
+    if selection is not None and best:
+        published = selection.load_best
+        if published and best["step"] != progress.step:
+            acc.print(
+                f"loading the best checkpoint (step {best['step']}, {best['metric']} {best['value']:g}) for the "
+                "final evaluation and model/"
+            )
+            acc.load_state(str(run.out / best["checkpoint"]))
+        results["best"] = {
+            "step": best["step"],
+            best["metric"]: best["value"],
+            "checkpoint": best["checkpoint"],
+            "published": published,
+        }
     results["final"] = run.evaluate(step=progress.step, final=True, subset=False)
     run.save_model()
     results = run.write_results(results)

@@ -61,6 +61,8 @@ BAD_EXTENSION = f"{E2E}::test_bad_extension_is_the_documented_line"
 RESUME_UNPACKED = "tests/test_resume.py::test_resume_unpacked_across_an_epoch_boundary_is_exact"
 RESUME_SIGTERM = "tests/test_resume.py::test_sigterm_saves_a_checkpoint_and_says_how_to_resume"
 PACKED_APART = f"{UNIT}::test_packed_examples_never_predict_each_other"
+BEST = "tests/test_selection.py::test_best_checkpoint_is_published_and_reproducible"
+EARLY_STOP = "tests/test_selection.py::test_early_stopping_and_a_resume_that_keeps_patience"
 BAD_ROWS = "tests/test_tasks.py::test_rows_the_task_cannot_use_are_dropped_counted_and_not_scored"
 EMPTY_COMPLETION = "tests/test_completion.py::test_empty_completion_rows_are_dropped_and_counted"
 EMPTY_FILE = f"{E2E}::test_empty_train_file_says_the_split_is_empty"
@@ -218,6 +220,20 @@ MUTANTS = [
       "task = resolve_recipe(recipe)\n", "task = get_task(recipe.task)\n",
       (RESOLVED_CONFIG,)),
     # -- task: completion masks its prompt and scores out-of-set labels as wrong
+    # -- the published model is the best periodic evaluation's, which rotation never deletes
+    M("best-checkpoint-rotated", "hftoolkit/checkpoint.py",
+      "if keep_also is None or old.resolve() != keep_also.resolve():", "if True:",
+      (BEST, EARLY_STOP)),
+    M("best-not-loaded-at-end", "hftoolkit/train.py",
+      'acc.load_state(str(run.out / best["checkpoint"]))', "None",
+      (EARLY_STOP,)),
+    M("patience-not-restored", "hftoolkit/checkpoint.py",
+      'state.get("evals_without_improvement", 0),', "0,",
+      (EARLY_STOP,)),
+    M("best-compared-the-wrong-way", "hftoolkit/selection.py",
+      "gain = value - best if self.greater_is_better else best - value",
+      "gain = best - value if self.greater_is_better else value - best",
+      (BEST, EARLY_STOP)),
     M("completion-prompt-not-masked", "hftoolkit/data.py",
       '"labels": [-100] * len(prompt) + target,', '"labels": prompt + target,',
       (COMPLETION_MASK, SUPERVISED)),

@@ -91,25 +91,28 @@ def test_periodic_evals_generate_exactly_their_budgeted_subset(spied_run):
     eval set."""
     out, calls = spied_run
     evals = [x for x in read_lines(out / "metrics.jsonl") if x["kind"] == "eval"]
-    assert [e["step"] for e in evals] == [0, 2, 4, 5]
+    # Step 5 twice: the last step competes for the best checkpoint on the subset, then the final eval on all.
+    assert [e["step"] for e in evals] == [0, 2, 4, 5, 5]
     per_eval: dict[int, list[tuple[int, ...]]] = {}
     for index, prompts in calls:
         per_eval.setdefault(index, []).extend(prompts)
-    assert sorted(per_eval) == [0, 1, 2, 3]
-    assert [len(per_eval[i]) for i in range(4)] == [8, 3, 3, 8]
-    assert all(len(set(per_eval[i])) == len(per_eval[i]) for i in range(4))  # no prompt twice
-    assert set(per_eval[0]) == set(per_eval[3])
-    assert set(per_eval[1]) == set(per_eval[2]) and set(per_eval[1]) < set(per_eval[0])
+    assert sorted(per_eval) == [0, 1, 2, 3, 4]
+    assert [len(per_eval[i]) for i in range(5)] == [8, 3, 3, 3, 8]
+    assert all(len(set(per_eval[i])) == len(per_eval[i]) for i in range(5))  # no prompt twice
+    assert set(per_eval[0]) == set(per_eval[4])
+    assert set(per_eval[1]) == set(per_eval[2]) == set(per_eval[3]) and set(per_eval[1]) < set(per_eval[0])
     assert len(read_lines(out / "predictions.jsonl")) == 8
 
 
 def test_save_total_limit_keeps_exactly_the_newest_checkpoints(spied_run):
-    """save_steps=1, save_total_limit=2, 5 steps: exactly the checkpoints of steps 4 and 5 remain, nothing
-    else in checkpoints/ (no leftover temp folder). Failing means old checkpoints fill the disk, or the
+    """save_steps=1, save_total_limit=2, 5 steps: exactly the checkpoints of steps 4 and 5 remain (and the best
+    periodic evaluation's, which is never rotated away), nothing else in checkpoints/ (no leftover temp folder). Failing means old checkpoints fill the disk, or the
     rotation deletes the checkpoint a resume needs."""
     out, _ = spied_run
     kept = list_checkpoints(out / "checkpoints")
-    assert [int(re.findall(r"\d+", p.name)[-1]) for p in kept] == [4, 5]
+    # The best periodic evaluation's checkpoint is kept besides the newest 2.
+    best = json.loads((out / "results.json").read_text())["best"]["step"]
+    assert [int(re.findall(r"\d+", p.name)[-1]) for p in kept] == sorted({4, 5, best})
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(p.name for p in kept)
 
 

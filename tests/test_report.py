@@ -123,8 +123,8 @@ def test_compare_runs_shows_both_runs_and_the_union_of_metrics(fake_run_dir, tmp
     table = compare_runs([fake_run_dir, other])
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:4] == ["run", "task", "model", "steps"]
-    assert set(header[4:]) == set(FAKE_RUN_FINAL) | {"bleu", "chrf"}
+    assert header[:5] == ["run", "task", "model", "steps", "published"]  # which step model/ holds
+    assert set(header[5:]) == set(FAKE_RUN_FINAL) | {"bleu", "chrf"}
     rows = {row.split("|")[1].strip(): [c.strip() for c in row.strip("|").split("|")] for row in lines[2:]}
     assert set(rows) == {str(fake_run_dir), str(other)}
 
@@ -135,6 +135,7 @@ def test_compare_runs_shows_both_runs_and_the_union_of_metrics(fake_run_dir, tmp
     assert second["bleu"] == "20.50 (+19.50)"
     assert second["chrf"] == "44.00"  # no baseline: no delta
     assert second["rougeL"] == "-"
+    assert first["published"] == second["published"] == "last step"  # no periodic evaluation chose a best
 
 
 def test_compare_runs_without_results_is_a_user_error(fake_run_dir, tmp_path):
