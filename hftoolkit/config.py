@@ -234,6 +234,10 @@ class HubConfig:
     """Create the repo private."""
     revision: str | None = None
     """Branch to push to (default: main)."""
+    strategy: Literal["end", "checkpoint", "every_save"] = "end"
+    """end: push the published model at the end | checkpoint: also upload each saved checkpoint to last-checkpoint/
+    in the background | every_save: each saved checkpoint to checkpoints/step-N/ (background; a failed upload is
+    retried, then reported, never stopping training)."""
 
 
 @dataclass
@@ -503,6 +507,10 @@ def validate(r: Recipe) -> None:
         "data: set exactly one of data.dataset_name, data.train_file/validation_file, data.synthetic",
     )
     TASKS[r.task].check_config(d)
+    need(
+        r.hub.strategy == "end" or (r.hub.push and t.save_steps),
+        f"hub.strategy: {r.hub.strategy} uploads saved checkpoints; it needs hub.push=true and train.save_steps",
+    )
     need(
         not (r.hub.push and not r.hub.repo_id),
         "hub.repo_id: required when hub.push is true (e.g. your-name/my-model)",

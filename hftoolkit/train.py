@@ -227,6 +227,7 @@ def train(recipe: Recipe) -> dict:
         results["baseline"] = run.evaluate(step=0, final=False, subset=False)
     log, last_good = StepLogger(run, scheduler, progress.step), None
     selection, stopped_early = selection_for(recipe, run.task), None
+    uploads = start_uploads(run)
 
     # ================================================================ the loop
     model.train()
@@ -248,11 +249,15 @@ def train(recipe: Recipe) -> dict:
                     stop_now = stop.requested(acc, progress.step, every=cfg.logging_steps)
                     if (cfg.save_steps and progress.step % cfg.save_steps == 0) or stop_now or new_best:
                         last_good = ckpt.save(run, progress)
+                        if uploads is not None:
+                            uploads.submit(last_good)
                 if stop_now:
                     acc.print(
                         f"stopped by signal at step {progress.step}; checkpoint saved to {last_good}. Resume with: "
                         f"hftoolkit train {out / rundir.CONFIG} train.resume_from_checkpoint=latest"
                     )
+                    if uploads is not None:
+                        uploads.close()
                     acc.end_training()
                     raise SystemExit(143)
                 if progress.step >= total_steps or stopped_early:
@@ -264,7 +269,7 @@ def train(recipe: Recipe) -> dict:
     if stopped_early:
         acc.print(f"{stopped_early}; stopped at step {progress.step}")
         results["stopped_early"] = {"step": progress.step, "reason": stopped_early}
-    return finish(run, progress, results, selection)
+    return finish(run, progress, results, selection, uploads)
 
 
 def periodic_eval(run: Run, progress: Progress, selection) -> tuple[bool, str | None]:
@@ -291,14 +296,28 @@ def periodic_eval(run: Run, progress: Progress, selection) -> tuple[bool, str | 
     return new_best, stop
 
 
-def finish(run: Run, progress: Progress, results: dict, selection=None) -> dict:
+def start_uploads(run: Run):
+    """The background checkpoint uploads of hub.strategy checkpoint | every_save (main process), else None."""
+    hub = run.recipe.hub
+    if not (hub.push and hub.strategy != "end" and run.accelerator.is_main_process):
+        return None
+    from hftoolkit.uploads import CheckpointUploads
+
+    return CheckpointUploads(hub, run.out)
+
+
+def finish(run: Run, progress: Progress, results: dict, selection=None, uploads=None) -> dict:
     """After the last step: final checkpoint, the best checkpoint's weights back when they are to be published,
     final evaluation on the whole eval set, model/, results.json, reports and model card, and the push when the
     recipe asks for it."""
     acc, cfg, hub = run.accelerator, run.recipe.train, run.recipe.hub
     # A final checkpoint, unless that step just saved one.
     if cfg.save_steps and progress.step % cfg.save_steps:
-        ckpt.save(run, progress)
+        saved = ckpt.save(run, progress)
+        if uploads is not None:
+            uploads.submit(saved)
+    if uploads is not None:  # the checkpoints first, then the published model
+        results["hub_uploads"] = uploads.close()
     best = progress.best
     if selection is not None and best:
         published = selection.load_best

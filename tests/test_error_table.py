@@ -109,6 +109,10 @@ def case_push_without_repo(tmp_path, cli, monkeypatch):
     return error_lines(cli("train", QA, *tiny_overrides(tmp_path / "o"), "hub.push=true"))
 
 
+def case_strategy_without_push(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", QA, "hub.strategy=every_save"))
+
+
 def case_unknown_scheduler(tmp_path, cli, monkeypatch):
     return error_lines(cli("plan", QA, "train.lr_scheduler_type=x"))
 
@@ -320,6 +324,7 @@ CASES = {
     "out-of-range value": case_out_of_range,
     "unknown task / metric": case_unknown_task_or_metric,
     "Hub push without repo id": case_push_without_repo,
+    "checkpoint uploads without push or saves": case_strategy_without_push,
     "unknown learning-rate schedule": case_unknown_scheduler,
     "tracker not installed": case_tracker_not_installed,
     "missing data file / bad extension": case_missing_file_or_extension,

@@ -163,3 +163,66 @@ def test_report_card_and_plot_say_which_step_was_published(tmp_path, cli, script
     assert note in (out / "README.md").read_text()
     assert "| step 4 (best) |" in compare_runs([out])
     assert (out / "plots" / "metric.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ pushes while training
+
+
+@pytest.fixture
+def stand_in_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    from hftoolkit import uploads
+    from tests.hub_server import StandInHub
+
+    token = "hf_uploads_secret_token_0123456789"
+    server = StandInHub(accepted_tokens={token}).start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(uploads, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(uploads, "MAX_RETRIES", 2)
+    yield server, token
+    server.stop()
+
+
+def test_checkpoints_upload_in_the_background_and_failures_never_stop_training(tmp_path, cli, stand_in_hub):
+    """If this fails, hub.strategy=every_save blocks or kills training on a Hub error, loses a checkpoint without
+    saying so, leaks the token, or the final push is not the published (best) model."""
+    server, token = stand_in_hub
+    server.fail_next("create", 500, times=4)  # the first checkpoint: 1 try + 2 retries fail (reported); the
+    # second: fails once, then goes through on its retry
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 6, "train.save_steps": 2, "train.save_total_limit": 1, "train.eval_steps": 2,
+             "hub.push": "true", "hub.repo_id": "alice/qa-tiny", "hub.strategy": "every_save"}  # fmt: skip
+    code, _, err = cli("train", QA, *tiny_overrides(out, **extra))
+    assert code == 0, err
+    r = results(out)
+    assert r["hub_uploads"]["failed"] == [
+        {"checkpoint": "step-0000002", "reason": "HTTP 500: injected failure 500"}
+    ]
+    assert r["hub_uploads"]["uploaded"] == ["step-0000004", "step-0000006"]
+    files = server.files("alice/qa-tiny")
+    assert {
+        "checkpoints/step-0000004/model.safetensors",
+        "checkpoints/step-0000006/hftoolkit_state.json",
+    } <= set(files)
+    assert all(token.encode() not in data for data in files.values())
+    published = json.loads(files["hftoolkit/results.json"])
+    assert (
+        published["best"] == r["best"]
+        and files["model.safetensors"] == (out / "model/model.safetensors").read_bytes()
+    )
+    assert not list(tmp_path.glob(".run.hftoolkit-uploads-*"))  # staging cleaned up
+
+
+def test_last_checkpoint_strategy_keeps_one_checkpoint_on_the_hub(tmp_path, cli, stand_in_hub):
+    """If this fails, hub.strategy=checkpoint piles every checkpoint into last-checkpoint/ (or keeps a stale one)."""
+    server, _ = stand_in_hub
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 4, "train.save_steps": 2, "hub.push": "true", "hub.repo_id": "alice/qa-tiny",
+             "hub.strategy": "checkpoint"}  # fmt: skip
+    assert cli("train", QA, *tiny_overrides(out, **extra))[0] == 0
+    files = server.files("alice/qa-tiny")
+    state = json.loads(files["last-checkpoint/hftoolkit_state.json"])
+    assert state["step"] == 4 and not any(name.startswith("checkpoints/") for name in files)
