@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="write the folder that would be uploaded, upload nothing"
     )
+    p.add_argument(
+        "--merge-adapters",
+        action="store_true",
+        help="LoRA runs: upload base + adapter merged (needed when the base is not a Hub model, e.g. model.init)",
+    )
 
     p = sub.add_parser(
         "recipes", help="list or copy the shipped recipes", description="List or copy the shipped recipes."
@@ -165,7 +170,12 @@ def dispatch(args) -> int:
         from hftoolkit.hub import push_run
 
         where = push_run(
-            args.run_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run
+            args.run_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            dry_run=args.dry_run,
+            merge_adapters=args.merge_adapters,
         )
         print(f"{'dry run: the upload folder is' if args.dry_run else 'pushed:'} {where}")
         return 0

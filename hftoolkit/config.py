@@ -234,6 +234,9 @@ class HubConfig:
     """Create the repo private."""
     revision: str | None = None
     """Branch to push to (default: main)."""
+    merge_adapters: bool = False
+    """LoRA runs: push base + adapter merged into one model (needed when the base is not on the Hub, e.g. model.init);
+    off, the adapter is pushed alone and names its Hub base model."""
     strategy: Literal["end", "checkpoint", "every_save"] = "end"
     """end: push the published model at the end | checkpoint: also upload each saved checkpoint to last-checkpoint/
     in the background | every_save: each saved checkpoint to checkpoints/step-N/ (background; a failed upload is

@@ -58,8 +58,13 @@ def stage_upload(
     *,
     repo_id: str | None = None,
     token: str | None = None,
+    merge_adapters: bool = False,
 ) -> Path:
     """Write exactly the folder a push uploads into `dest_dir` (must be empty or absent) and return it.
+
+    A LoRA run's adapter goes up as it is when its base is a Hub model (adapter_config.json names the Hub id); a
+    base the Hub cannot resolve (built with model.init, or a local folder) needs `merge_adapters`, which uploads the
+    merged weights instead.
 
     The Hub token (`token`, else HF_TOKEN / the login cache) is replaced by REDACTED (valid in YAML and JSON,
     unlike '***', a YAML alias) in the text files written here; if it turns up in any other staged file the push is refused rather than leak it.
@@ -72,7 +77,7 @@ def stage_upload(
     secret = token if token is not None else get_token()
     secret = secret if secret and len(secret) >= _MIN_SECRET_LEN else None
 
-    model_dir = run_path / "model"
+    model_dir = _model_files(run_path, dest, repo_id, merge_adapters)
     for src in sorted(model_dir.rglob("*")):
         rel = src.relative_to(model_dir)
         # Temp files of an interrupted save (".x.tmp") and an old README are not part of the model.
@@ -88,6 +93,10 @@ def stage_upload(
     for name in ("config.yaml", "results.json", "report.md"):
         if (run_path / name).is_file():
             texts[f"hftoolkit/{name}"] = (run_path / name).read_text(encoding="utf-8")
+    if "hftoolkit/config.yaml" in texts:  # where the run lived on this machine means nothing on the Hub
+        texts["hftoolkit/config.yaml"] = texts["hftoolkit/config.yaml"].replace(
+            str(run_path.resolve()), run_path.name
+        )
     predictions = run_path / "predictions.jsonl"
     if predictions.is_file():
         with predictions.open(encoding="utf-8") as f:
@@ -111,6 +120,32 @@ def stage_upload(
                     "pushing; nothing was uploaded"
                 )
     return dest
+
+
+def _model_files(run_path: Path, dest: Path, repo_id, merge_adapters: bool) -> Path:
+    """The folder whose files are the uploaded model: model/, or for a LoRA run pushed with merged weights a
+    merged save beside `dest` (removed with the staging folder's parent)."""
+    from hftoolkit.card import _hub_id
+    from hftoolkit.lora import base_reference, is_adapter_dir, merged_model
+
+    model_dir = run_path / "model"
+    if not is_adapter_dir(model_dir):
+        return model_dir
+    if merge_adapters:
+        from hftoolkit.modeling import save_pretrained
+
+        merged_dir = dest.parent / f".{dest.name}.merged"
+        merged, tokenizer, info = merged_model(model_dir, "push")
+        save_pretrained(merged, tokenizer, merged_dir, info=info)
+        return merged_dir
+    base, _ = base_reference(model_dir)
+    if _hub_id(base) is None:
+        raise UserError(
+            f"push: {model_dir} is a LoRA adapter whose base ({base}) is not on the Hub, so the adapter alone "
+            f"could not be loaded from there; push the merged weights: hftoolkit push {run_path} --repo-id "
+            f"{repo_id or 'REPO_ID'} --merge-adapters (or hub.merge_adapters: true)"
+        )
+    return model_dir
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -146,7 +181,9 @@ def _check_run_dir(run_dir: str | os.PathLike) -> Path:
         raise UserError(
             f"{path}/model/ is missing: {path} has no saved model to push (let the training run finish)"
         )
-    if not (path / "model" / "config.json").is_file():
+    from hftoolkit.lora import is_adapter_dir
+
+    if not (path / "model" / "config.json").is_file() and not is_adapter_dir(path / "model"):
         raise UserError(f"{path}/model/config.json is missing: {path}/model is not a save_pretrained folder")
     return path
 
@@ -182,6 +219,7 @@ def push_run(
     backoff_s: float = 1.0,
     endpoint: str | None = None,
     timeout_s: float | None = 60.0,
+    merge_adapters: bool = False,
 ) -> str:
     """Create (or reuse) `repo_id` and upload the staged run in one commit; return the commit URL.
 
@@ -193,7 +231,7 @@ def push_run(
     run_path = _check_run_dir(run_dir)
     _check_repo_id(repo_id)
     if dry_run:
-        return str(_dry_run(run_path, repo_id, token))
+        return str(_dry_run(run_path, repo_id, token, merge_adapters))
 
     secret = token or get_token()
     retry_command = f"hftoolkit push {run_path} --repo-id {repo_id}"
@@ -212,7 +250,9 @@ def push_run(
     )
     attempts = max(1, max_retries + 1)
     with _staging_dir(run_path) as tmp:
-        staged = stage_upload(run_path, Path(tmp) / "upload", repo_id=repo_id, token=secret)
+        staged = stage_upload(
+            run_path, Path(tmp) / "upload", repo_id=repo_id, token=secret, merge_adapters=merge_adapters
+        )
         for attempt in range(1, attempts + 1):
             try:
                 with _request_timeout(timeout_s):
@@ -248,17 +288,22 @@ def push_run(
     raise AssertionError("unreachable")
 
 
-def _dry_run(run_path: Path, repo_id: str, token: str | None) -> Path:
+def _dry_run(run_path: Path, repo_id: str, token: str | None, merge_adapters: bool = False) -> Path:
     """Stage into RUN_DIR/hub_dry_run/: next to its final place, then swapped in, so an interrupted dry run
     leaves the previous one intact."""
     target = run_path / DRY_RUN_DIR
     staging = run_path / f".{DRY_RUN_DIR}.{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    merged = (
+        staging.parent / f".{staging.name}.merged"
+    )  # where merge_adapters saves (hard-linked into staging)
     try:
-        stage_upload(run_path, staging, repo_id=repo_id, token=token)
+        stage_upload(run_path, staging, repo_id=repo_id, token=token, merge_adapters=merge_adapters)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target

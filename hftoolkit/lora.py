@@ -62,12 +62,59 @@ def save_base_model(peft_model, state_dict: dict, tokenizer, model_cfg, run_dir:
     adapter.revision = None
 
 
-def merge_run(run_dir, out=None) -> Path:
-    """`hftoolkit merge`: base + adapter → one plain checkpoint (loads with AutoModelForCausalLM, no peft)."""
+def is_adapter_dir(path) -> bool:
+    """A LoRA run's model/ (adapter files, no config.json of a full model)."""
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def base_reference(adapter_dir: Path) -> tuple[str, str | None]:
+    """(base checkpoint, revision) of an adapter: the run's base_model/ when it was saved, else what
+    adapter_config.json names (a Hub id)."""
+    run_base = adapter_dir.parent / BASE_DIR
+    if (run_base / "config.json").is_file():
+        return str(run_base), None
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base_ref = adapter_config.get("base_model_name_or_path")
+    if not base_ref:
+        raise UserError(
+            f"{adapter_dir / ADAPTER_CONFIG} names no base model and {run_base} does not exist; set "
+            "base_model_name_or_path in it to the checkpoint the adapter was trained on"
+        )
+    return base_ref, adapter_config.get("revision")
+
+
+def merged_model(adapter_dir, what: str = "model"):
+    """(base + adapter merged into one plain model, tokenizer, ModelInfo or None), loaded from a LoRA model/ folder:
+    what `generate`, `eval` and `push --merge-adapters` run on a LoRA run directory, and what `merge` saves."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hftoolkit.modeling import save_pretrained, set_generation_defaults
+    from hftoolkit.modeling import set_generation_defaults
+
+    adapter_dir = Path(adapter_dir)
+    base_ref, revision = base_reference(adapter_dir)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_ref, revision=revision, dtype="float32")
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"{what}: cannot load the base model '{base_ref}' of {adapter_dir} ({first})"
+        ) from None
+    # W ← W + (alpha / r)·B·A in every adapted layer, then the LoRA wrappers are removed.
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    set_generation_defaults(merged, tokenizer)
+    info = ModelInfo.read(adapter_dir)
+    if info:  # the run's decoding, as a non-LoRA run's model/ carries it
+        merged.generation_config.max_new_tokens = info.max_new_tokens
+        merged.generation_config.num_beams = info.num_beams
+    return merged, tokenizer, info
+
+
+def merge_run(run_dir, out=None) -> Path:
+    """`hftoolkit merge`: base + adapter → one plain checkpoint (loads with AutoModelForCausalLM, no peft)."""
+    from hftoolkit.modeling import save_pretrained
 
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "model"
@@ -79,28 +126,6 @@ def merge_run(run_dir, out=None) -> Path:
     out = Path(out) if out else run_dir / "merged"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_INFO).is_file())):
         raise UserError(f"merge: --out {out} exists and is not an earlier merge; choose a new folder")
-    if (run_dir / BASE_DIR / "config.json").is_file():
-        base_ref, revision = str(run_dir / BASE_DIR), None
-    else:
-        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        base_ref, revision = adapter_config.get("base_model_name_or_path"), adapter_config.get("revision")
-    if not base_ref:
-        raise UserError(
-            f"merge: {run_dir} has no {BASE_DIR}/ and {adapter_dir / ADAPTER_CONFIG} names no base model; "
-            "set base_model_name_or_path in it to the checkpoint the adapter was trained on"
-        )
-    try:
-        base = AutoModelForCausalLM.from_pretrained(base_ref, revision=revision, dtype="float32")
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"merge: cannot load the base model '{base_ref}' ({first})") from None
-    # W ← W + (alpha / r)·B·A in every adapted layer, then the LoRA wrappers are removed.
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    set_generation_defaults(merged, tokenizer)
-    info = ModelInfo.read(adapter_dir)
-    if info:  # the run's decoding, as a non-LoRA run's model/ carries it
-        merged.generation_config.max_new_tokens = info.max_new_tokens
-        merged.generation_config.num_beams = info.num_beams
+    merged, tokenizer, info = merged_model(adapter_dir, "merge")
     save_pretrained(merged, tokenizer, out, info=info)
     return out

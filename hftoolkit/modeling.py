@@ -212,10 +212,7 @@ def _check_local(name_or_path: str) -> None:
             f"model.name_or_path: '{name_or_path}' does not exist (give a checkpoint folder or a Hub id)"
         )
     if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
-        raise UserError(
-            f"model.name_or_path: '{name_or_path}' is a LoRA adapter, not a full model; run "
-            f"`hftoolkit merge {p.parent}` and use {p.parent / 'merged'}"
-        )
+        return  # a LoRA run's model/: loaded as base + adapter (lora.merged_model)
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(
             f"model.name_or_path: '{name_or_path}' has no config.json (not a save_pretrained folder)"
@@ -224,12 +221,19 @@ def _check_local(name_or_path: str) -> None:
 
 def load_model_and_tokenizer(model_cfg, train_texts: Iterable[str] | None = None, seed: int = 0):
     """Model + tokenizer per the recipe's `model:` section (load, or build offline when `init` is set)."""
+    from hftoolkit import lora
+
     if model_cfg.init is not None:
         init = model_cfg.init
         tokenizer = prepare_tokenizer(
             build_tokenizer(init.tokenizer, init.vocab_size, train_texts), "model.init"
         )
         model = create_model(init.preset, tokenizer, init.n_positions, seed=seed)
+    elif lora.is_adapter_dir(
+        model_cfg.name_or_path
+    ):  # a LoRA run's model/: its base with the adapter merged in
+        model, tokenizer, _ = lora.merged_model(model_cfg.name_or_path, "model.name_or_path")
+        tokenizer = prepare_tokenizer(tokenizer, model_cfg.name_or_path)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 from hftoolkit.errors import UserError
 from hftoolkit.generation import Decoding, generate_batch
+from hftoolkit.lora import is_adapter_dir, merged_model
 from hftoolkit.rundir import ModelInfo
 from hftoolkit.tasks import PromptTemplate, get_task
 
@@ -63,8 +64,13 @@ def run_generate(args) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    if is_adapter_dir(
+        args.model_dir
+    ):  # a LoRA run: its base with the adapter merged in, as `merge` would save
+        model, tokenizer, _ = merged_model(args.model_dir, "generate")
+    else:
+        tokenizer = load_tokenizer(args.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir)
     model.eval()
     decoding = Decoding(
         max_new_tokens=args.max_new_tokens or (info and info.max_new_tokens) or 64,

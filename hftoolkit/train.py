@@ -341,7 +341,13 @@ def finish(run: Run, progress: Progress, results: dict, selection=None, uploads=
         if hub.push:
             from hftoolkit.hub import push_run
 
-            url = push_run(run.out, hub.repo_id, private=hub.private, revision=hub.revision)
+            url = push_run(
+                run.out,
+                hub.repo_id,
+                private=hub.private,
+                revision=hub.revision,
+                merge_adapters=hub.merge_adapters,
+            )
             acc.print(f"pushed to {url}")
     acc.wait_for_everyone()
     acc.end_training()

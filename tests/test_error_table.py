@@ -109,6 +109,13 @@ def case_push_without_repo(tmp_path, cli, monkeypatch):
     return error_lines(cli("train", QA, *tiny_overrides(tmp_path / "o"), "hub.push=true"))
 
 
+def case_lora_push_local_base(tmp_path, cli, monkeypatch):
+    out = tmp_path / "run"
+    lora = ["model.lora={r: 4}", "train.max_steps=1", "eval.baseline=false"]
+    assert cli("train", QA, *tiny_overrides(out), *lora)[0] == 0
+    return error_lines(cli("push", out, "--repo-id", "alice/x", "--dry-run"))
+
+
 def case_strategy_without_push(tmp_path, cli, monkeypatch):
     return error_lines(cli("plan", QA, "hub.strategy=every_save"))
 
@@ -324,6 +331,7 @@ CASES = {
     "out-of-range value": case_out_of_range,
     "unknown task / metric": case_unknown_task_or_metric,
     "Hub push without repo id": case_push_without_repo,
+    "LoRA push whose base is not on the Hub": case_lora_push_local_base,
     "checkpoint uploads without push or saves": case_strategy_without_push,
     "unknown learning-rate schedule": case_unknown_scheduler,
     "tracker not installed": case_tracker_not_installed,

@@ -118,3 +118,53 @@ def test_lora_resume_is_exact(lora_run, tmp_path, cli):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+INPUT = '{"context": "Ann lives in Oslo .", "question": "Where does Ann live ?"}'
+
+
+def test_generate_and_eval_work_on_the_lora_run_itself(lora_run, tmp_path, cli):
+    """If this fails, a LoRA run's model/ cannot be used without a manual `hftoolkit merge` first, or using it
+    directly gives other text or scores than the merged model (and than the run's own final evaluation)."""
+    code, direct, err = cli("generate", lora_run / "model", "--input", INPUT, "--max-new-tokens", "6")
+    assert code == 0, err
+    merged = tmp_path / "merged"
+    assert cli("merge", lora_run, "--out", merged)[0] == 0
+    code, via_merge, err = cli("generate", merged, "--input", INPUT, "--max-new-tokens", "6")
+    assert code == 0, err
+    assert direct == via_merge and direct.strip()
+    out = tmp_path / "eval"
+    code, _, err = cli(
+        "eval", QA, *tiny_overrides(out), "model.init=null", f"model.name_or_path={lora_run / 'model'}"
+    )
+    assert code == 0, err
+    final = json.loads((out / "results.json").read_text())["final"]
+    trained = json.loads((lora_run / "results.json").read_text())["final"]
+    assert (
+        final["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5) and final["f1"] == trained["f1"]
+    )
+
+
+def test_push_of_a_lora_run_names_no_local_path(lora_run, cli):
+    """If this fails, a pushed adapter points at a base that exists only on this machine (adapter_config.json's
+    base is the run's base_model/ folder), or the upload folder leaks where the run lived."""
+    code, _, err = cli("push", lora_run, "--repo-id", "alice/qa-lora", "--dry-run")
+    line = next(x for x in err.splitlines() if x.startswith("error"))
+    assert code == 2 and line == (
+        f"error: push: {lora_run / 'model'} is a LoRA adapter whose base ({lora_run / 'base_model'}) is not on the "
+        f"Hub, so the adapter alone could not be loaded from there; push the merged weights: hftoolkit push "
+        f"{lora_run} --repo-id alice/qa-lora --merge-adapters (or hub.merge_adapters: true)"
+    )
+    code, out, err = cli("push", lora_run, "--repo-id", "alice/qa-lora", "--dry-run", "--merge-adapters")
+    assert code == 0, err
+    staged = lora_run / "hub_dry_run"
+    names = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "hftoolkit.json",
+    } <= names and "adapter_config.json" not in names
+    for path in staged.rglob("*"):
+        if path.is_file():
+            assert str(lora_run.parent).encode() not in path.read_bytes(), path
+    assert not list(lora_run.glob(".hub_dry_run*"))  # the merged save beside the staging folder is gone
