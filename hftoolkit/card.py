@@ -61,8 +61,8 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
         )
         for name, value in final.items()
     ]
-    base_model = _hub_id(model_cfg.get("name_or_path")) if not model_cfg.get("init") else None
-    dataset_id = _hub_id(data_cfg.get("dataset_name"))
+    base_model = hub_id(model_cfg.get("name_or_path")) if not model_cfg.get("init") else None
+    dataset_id = hub_id(data_cfg.get("dataset_name"))
     tags = ["hftoolkit", info.task, str(model_config.get("model_type") or "gpt2"), "text-generation"]
     card_data = ModelCardData(
         base_model=base_model,
@@ -330,7 +330,7 @@ def _eval_dataset(results: dict, data_cfg: dict) -> dict[str, Any]:
     return recorded
 
 
-def _hub_id(name: Any) -> str | None:
+def hub_id(name: Any) -> str | None:
     """`name` if it can be a Hub id (metadata must not point at a local folder), else None."""
     if not isinstance(name, str) or not name or Path(name).expanduser().exists():
         return None

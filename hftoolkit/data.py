@@ -160,17 +160,7 @@ def load_raw_splits(recipe, output_dir: Path, task) -> tuple[dict, dict]:
     if train_name is not None and eval_name is not None:
         splits = {"train": raw[train_name], "validation": raw[eval_name]}
     elif train_name is not None:
-        n = len(raw[train_name])
-        if n < 2:  # datasets rounds the held-out part up: one row would leave no training row
-            raise UserError(
-                f"data: {n} training row(s) are too few to hold out {d.validation_split_percentage}% for validation; "
-                "set data.validation_file (or a dataset with a validation split)"
-            )
-        held = raw[train_name].train_test_split(
-            test_size=d.validation_split_percentage / 100, seed=recipe.seed
-        )
-        splits = {"train": held["train"], "validation": held["test"]}
-        logger.info("no validation split: held out %d%% of train", d.validation_split_percentage)
+        splits = _hold_out_validation(raw[train_name], d.validation_split_percentage, recipe.seed)
     else:  # only an eval split (e.g. `hftoolkit eval` with validation_file alone)
         splits = {"validation": raw[eval_name]}
     for split, limit in (("train", d.max_train_samples), ("validation", d.max_eval_samples)):
@@ -180,6 +170,18 @@ def load_raw_splits(recipe, output_dir: Path, task) -> tuple[dict, dict]:
         if len(ds) == 0:
             raise UserError(f"data: the {split} split is empty; check the file or data.{split}_split")
     return splits, bad_rows
+
+
+def _hold_out_validation(ds, percentage: int, seed: int) -> dict:
+    """{"train", "validation"} from a dataset without a validation split: `percentage` % held out, seeded."""
+    if len(ds) < 2:  # datasets rounds the held-out part up: one row would leave no training row
+        raise UserError(
+            f"data: {len(ds)} training row(s) are too few to hold out {percentage}% for validation; "
+            "set data.validation_file (or a dataset with a validation split)"
+        )
+    held = ds.train_test_split(test_size=percentage / 100, seed=seed)
+    logger.info("no validation split: held out %d%% of train", percentage)
+    return {"train": held["train"], "validation": held["test"]}
 
 
 def split_source(data_cfg, split: str) -> str:

@@ -52,6 +52,8 @@ _AUTH_STATUS = {401, 403, 404}
 _MIN_SECRET_LEN = 8
 
 
+# Long on purpose: what a push sends is assembled here group by group (model, card, run records, plots), in one
+# place a reader can check against the docstring of this module.
 def stage_upload(
     run_dir: str | os.PathLike,
     dest_dir: str | os.PathLike,
@@ -77,7 +79,9 @@ def stage_upload(
     secret = token if token is not None else get_token()
     secret = secret if secret and len(secret) >= _MIN_SECRET_LEN else None
 
-    model_dir = _model_files(run_path, dest, repo_id, merge_adapters)
+    from hftoolkit.lora import upload_model_dir
+
+    model_dir = upload_model_dir(run_path, dest, repo_id, merge_adapters)
     for src in sorted(model_dir.rglob("*")):
         rel = src.relative_to(model_dir)
         # Temp files of an interrupted save (".x.tmp") and an old README are not part of the model.
@@ -111,41 +115,20 @@ def stage_upload(
         _link_or_copy(png, dest / "hftoolkit" / "plots" / png.name)
 
     if secret:
-        for path in sorted(p for p in dest.rglob("*") if p.is_file()):
-            if _file_contains(path, secret.encode("utf-8")):
-                rel = path.relative_to(dest).as_posix()
-                shutil.rmtree(dest, ignore_errors=True)
-                raise UserError(
-                    f"{rel} (staged from {run_path}) contains your Hub token: remove it from that file before "
-                    "pushing; nothing was uploaded"
-                )
+        _refuse_if_leaking(dest, secret, run_path)
     return dest
 
 
-def _model_files(run_path: Path, dest: Path, repo_id, merge_adapters: bool) -> Path:
-    """The folder whose files are the uploaded model: model/, or for a LoRA run pushed with merged weights a
-    merged save beside `dest` (removed with the staging folder's parent)."""
-    from hftoolkit.card import _hub_id
-    from hftoolkit.lora import base_reference, is_adapter_dir, merged_model
-
-    model_dir = run_path / "model"
-    if not is_adapter_dir(model_dir):
-        return model_dir
-    if merge_adapters:
-        from hftoolkit.modeling import save_pretrained
-
-        merged_dir = dest.parent / f".{dest.name}.merged"
-        merged, tokenizer, info = merged_model(model_dir, "push")
-        save_pretrained(merged, tokenizer, merged_dir, info=info)
-        return merged_dir
-    base, _ = base_reference(model_dir)
-    if _hub_id(base) is None:
-        raise UserError(
-            f"push: {model_dir} is a LoRA adapter whose base ({base}) is not on the Hub, so the adapter alone "
-            f"could not be loaded from there; push the merged weights: hftoolkit push {run_path} --repo-id "
-            f"{repo_id or 'REPO_ID'} --merge-adapters (or hub.merge_adapters: true)"
-        )
-    return model_dir
+def _refuse_if_leaking(dest: Path, secret: str, run_path: Path) -> None:
+    """The token in a staged file that was not redacted (weights, tokenizer files): remove the staging, refuse."""
+    for path in sorted(p for p in dest.rglob("*") if p.is_file()):
+        if _file_contains(path, secret.encode("utf-8")):
+            rel = path.relative_to(dest).as_posix()
+            shutil.rmtree(dest, ignore_errors=True)
+            raise UserError(
+                f"{rel} (staged from {run_path}) contains your Hub token: remove it from that file before "
+                "pushing; nothing was uploaded"
+            )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

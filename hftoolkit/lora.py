@@ -129,3 +129,28 @@ def merge_run(run_dir, out=None) -> Path:
     merged, tokenizer, info = merged_model(adapter_dir, "merge")
     save_pretrained(merged, tokenizer, out, info=info)
     return out
+
+
+def upload_model_dir(run_path: Path, dest: Path, repo_id, merge_adapters: bool) -> Path:
+    """The folder whose files are the uploaded model: model/, or for a LoRA run pushed with merged weights a
+    merged save beside `dest` (removed with the staging folder's parent)."""
+    from hftoolkit.card import hub_id
+
+    model_dir = run_path / "model"
+    if not is_adapter_dir(model_dir):
+        return model_dir
+    if merge_adapters:
+        from hftoolkit.modeling import save_pretrained
+
+        merged_dir = dest.parent / f".{dest.name}.merged"
+        merged, tokenizer, info = merged_model(model_dir, "push")
+        save_pretrained(merged, tokenizer, merged_dir, info=info)
+        return merged_dir
+    base, _ = base_reference(model_dir)
+    if hub_id(base) is None:
+        raise UserError(
+            f"push: {model_dir} is a LoRA adapter whose base ({base}) is not on the Hub, so the adapter alone "
+            f"could not be loaded from there; push the merged weights: hftoolkit push {run_path} --repo-id "
+            f"{repo_id or 'REPO_ID'} --merge-adapters (or hub.merge_adapters: true)"
+        )
+    return model_dir

@@ -37,6 +37,22 @@ def render_prompt(template: PromptTemplate, text: str, extra: dict[str, str]) ->
     return template.render(fields)
 
 
+def read_inputs(given: list[str] | None, field: str):
+    """--input values, else stdin lines when piped, else an interactive prompt (until EOF)."""
+    if given:
+        yield from given
+    elif sys.stdin.isatty():
+        while True:
+            try:
+                line = input(f"{field}> ")
+            except EOFError:
+                return
+            if line.strip():
+                yield line
+    else:
+        yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
+
+
 def run_generate(args) -> int:
     from hftoolkit.modeling import load_tokenizer
 
@@ -77,23 +93,7 @@ def run_generate(args) -> int:
         num_beams=args.num_beams or (info and info.num_beams) or 1,
         stop_strings=tuple(info.stop_strings if info else task.stop_strings),
     )
-    interactive = not args.inputs and sys.stdin.isatty()
-
-    def inputs():
-        if args.inputs:
-            yield from args.inputs
-        elif interactive:
-            while True:
-                try:
-                    line = input(f"{template.source_field}> ")
-                except EOFError:
-                    return
-                if line.strip():
-                    yield line
-        else:
-            yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
-
-    for text in inputs():
+    for text in read_inputs(args.inputs, template.source_field):
         prompt = render_prompt(template, text, extra)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         completions, _ = generate_batch(model, tokenizer, [ids], decoding)
