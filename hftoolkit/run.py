@@ -465,6 +465,12 @@ def make_accelerator(recipe: Recipe):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False, even_batches=True),
         **kwargs,
     )
+    # accelerate selects FSDP only on accelerators: with ACCELERATE_USE_CPU=1 an FSDP config silently runs as DDP.
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and acc.distributed_type.value != "FSDP":
+        acc.print(
+            f"accelerate config: FSDP was asked for, but accelerate runs FSDP on GPUs/accelerators only; this run is "
+            f"{acc.distributed_type.value} (parameters are not sharded)"
+        )
     # `accelerate launch --multi_gpu` on a machine without GPUs starts N processes that each train alone
     # (and write the same output_dir) unless ACCELERATE_USE_CPU=1 is set: refuse instead.
     launched = int(os.environ.get("WORLD_SIZE", "1"))

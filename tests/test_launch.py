@@ -127,3 +127,27 @@ def test_two_machines_on_localhost_train_like_one_process(tmp_path, cli):
         assert proc.returncode == 0, err.decode()[-3000:]
     assert train_losses(two) == pytest.approx(train_losses(one), rel=1e-4)
     assert len(train_losses(two)) == 4
+
+
+@pytest.mark.multiproc
+def test_an_fsdp_config_on_cpu_says_it_runs_as_ddp(tmp_path):
+    """accelerate (1.x) selects FSDP only on accelerators: with ACCELERATE_USE_CPU=1 an FSDP config becomes plain
+    DDP (MULTI_CPU) without a word. If this fails, a user who tries recipes/accelerate/fsdp.yaml on CPU believes the
+    parameters were sharded."""
+    config = tmp_path / "fsdp_cpu.yaml"
+    text = (REPO_ROOT / "recipes/accelerate/fsdp.yaml").read_text()
+    text = text.replace("num_processes: 8", "num_processes: 2").replace(
+        "mixed_precision: bf16", "mixed_precision: 'no'"
+    )
+    config.write_text(text)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           str(free_port()), "-m", "hftoolkit", "train", "recipes/quickstart/qa.yaml",
+           *tiny_overrides(tmp_path / "run", **{"train.max_steps": 1, "eval.baseline": "false"})]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "FSDP was asked for, but accelerate runs FSDP on GPUs/accelerators only; this run is MULTI_CPU"
+        in proc.stdout
+    )
