@@ -140,11 +140,73 @@ def save(run, progress: Progress) -> Path:
     return path
 
 
-def restore(accelerator, path: Path) -> Progress:
-    """Load weights, optimizer, scheduler and every process's RNG state; return the loop's position."""
+def adapt_to_process_count(recipe, acc, path: Path) -> dict | None:
+    """Before a checkpoint of N processes resumes on M: keep the global batch (per_device × accumulation ×
+    processes) by changing the accumulation to A·N/M, or refuse naming the values that would keep it. Returns what
+    was adapted (None when N == M). The data position and the schedule are rescaled in `restore`."""
+    saved, now = read_state(path).get("num_processes", 1), acc.num_processes
+    if saved == now:
+        return None
+    if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):  # one shard of weights and optimizer per process
+        raise UserError(
+            f"train.resume_from_checkpoint: {path} holds sharded states of {saved} process(es); resume with "
+            f"accelerate launch --num_processes {saved}"
+        )
+    t = recipe.train
+    per_step = (
+        t.gradient_accumulation_steps * saved
+    )  # micro-batches of one optimizer step, all processes together
+    if per_step % now:
+        raise UserError(
+            f"train.resume_from_checkpoint: {path} was saved by {saved} process(es) with a global batch of "
+            f"{t.per_device_train_batch_size * per_step} ({t.per_device_train_batch_size} per device × "
+            f"{t.gradient_accumulation_steps} accumulation × {saved}); {now} process(es) cannot keep it: resume on a "
+            f"process count that divides {per_step}"
+        )
+    adapted = {
+        "from_processes": saved,
+        "to_processes": now,
+        "from_gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "to_gradient_accumulation_steps": per_step // now,
+        "global_batch": t.per_device_train_batch_size * per_step,
+    }
+    t.gradient_accumulation_steps = acc.gradient_accumulation_steps = per_step // now
+    acc.print(
+        f"resuming a checkpoint of {saved} process(es) on {now}: gradient_accumulation_steps "
+        f"{adapted['from_gradient_accumulation_steps']} → {t.gradient_accumulation_steps} keeps the global batch of "
+        f"{adapted['global_batch']}; the data position and the learning-rate schedule are rescaled, and the random "
+        "state is reseeded from (seed, step)"
+    )
+    return adapted
+
+
+def restore(accelerator, path: Path, scheduler=None, seed: int = 0) -> Progress:
+    """Load weights, optimizer, scheduler and every process's RNG state; return the loop's position.
+
+    On another process count than the checkpoint's (see adapt_to_process_count): the per-process position in the
+    epoch is rescaled to the same global position, the prepared scheduler (which counts num_processes per step) is
+    set to the same point of its curve, and every process is reseeded from (seed, step), since the saved per-process
+    random states do not map onto the new processes."""
     accelerator.load_state(str(path))
     state = read_state(path)
     accelerator.print(f"resumed from {path} at step {state['step']}")
+    saved, now = state.get("num_processes", 1), accelerator.num_processes
+    if saved != now:
+        from accelerate.utils import set_seed
+
+        state["batches_in_epoch"] = state["batches_in_epoch"] * saved // now
+        if scheduler is not None and hasattr(
+            scheduler.scheduler, "lr_lambdas"
+        ):  # transformers' LambdaLR schedules
+            inner = scheduler.scheduler
+            inner.last_epoch = state["step"] * now
+            lrs = [
+                base * fn(inner.last_epoch) for base, fn in zip(inner.base_lrs, inner.lr_lambdas, strict=True)
+            ]
+            for group, lr in zip(inner.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            inner._last_lr = lrs
+        set_seed(seed + state["step"])
     return Progress(
         state["step"],
         state["epoch"],
@@ -159,6 +221,8 @@ def check_resume_compatible(run, path: Path) -> None:
     state = read_state(path)
     # Keys the current schema no longer has cannot change what is trained (a removed option).
     old, new = state.get("training_config", {}), training_config(run.recipe)
+    if run.elastic:  # adapt_to_process_count changed the accumulation to keep the global batch
+        new["train.gradient_accumulation_steps"] = run.elastic["from_gradient_accumulation_steps"]
     changed = [
         f"{k}: {old.get(k)!r} → {new.get(k)!r}"
         for k in sorted(new)
@@ -175,13 +239,6 @@ def check_resume_compatible(run, path: Path) -> None:
             f"(fingerprint {state.get('data_fingerprint')} → {run.data_fingerprint}); resume with the same data or start a new output_dir"
         )
     check_length(run, state, path)
-    # The data position (batches_in_epoch), the LR schedule's units, RNG files and sharded states are per process.
-    saved, now = state.get("num_processes", 1), run.accelerator.num_processes
-    if saved != now:
-        raise UserError(
-            f"train.resume_from_checkpoint: {path} was saved by {saved} process(es), this run has {now}; "
-            f"resume with accelerate launch --num_processes {saved}"
-        )
 
 
 def check_length(run, state: dict, path: Path) -> None:

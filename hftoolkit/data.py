@@ -531,17 +531,26 @@ def make_collate(pad_id: int, packing: bool, row_len: int):
 
 
 def build_train_loader(
-    dataset, batch_size: int, seed: int, packing: bool, pad_id: int, row_len: int, num_processes: int = 1
+    dataset,
+    batch_size: int,
+    seed: int,
+    packing: bool,
+    pad_id: int,
+    row_len: int,
+    num_processes: int = 1,
+    accumulation: int = 1,
 ):
     from torch.utils.data import DataLoader
 
     lengths = [len(x) for x in dataset["input_ids"]]
-    # accelerate deals the loader's consecutive batches to ranks 0..N-1, so one global batch is N consecutive
-    # sampler chunks: group lengths by the global batch, so that N processes × B see per optimizer step the same
-    # examples as 1 process × N·B (with per-device groups, unpacked batches would differ).
+    # accelerate deals the loader's consecutive batches to ranks 0..N-1, and each rank takes `accumulation` of them
+    # per optimizer step, so one step is N·accumulation consecutive sampler chunks: group lengths by that, so that
+    # N processes × B × A see per optimizer step the same examples as 1 process × N·B, or as M processes with
+    # N·A/M accumulation (a resume on another process count; with per-device groups, unpacked batches would differ).
     sampler = EpochSampler(
-        lengths, seed, shuffle=True, group_by_length=not packing, batch_size=batch_size * num_processes
-    )
+        lengths, seed, shuffle=True, group_by_length=not packing,
+        batch_size=batch_size * num_processes * accumulation,
+    )  # fmt: skip
     return DataLoader(
         dataset.with_format(None),
         batch_size=batch_size,

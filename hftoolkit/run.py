@@ -60,9 +60,8 @@ class Run:
     data_fingerprint: str = ""
     steps_per_epoch: int = 0
     total_steps: int = 0  # optimizer steps of the whole run (train.max_steps, or the epochs' worth)
-    extended: dict | None = (
-        None  # set when a resume continues to a new total of steps (see check_resume_compatible)
-    )
+    extended: dict | None = None  # a resume to a new total of steps (checkpoint.check_length)
+    elastic: dict | None = None  # a resume on another process count (checkpoint.adapt_to_process_count)
     batches_per_epoch: int = 0
     resume_from: Path | None = None
     eval_dataset_info: dict = field(default_factory=dict)
@@ -127,6 +126,7 @@ class Run:
         results = {
             **results,
             **({"extended": self.extended} if self.extended else {}),
+            **({"elastic": self.elastic} if self.elastic else {}),
             "metric_config": self.metric_config,
             "eval_dataset": self.eval_dataset_info,
             "data": self.data_stats,
@@ -207,9 +207,11 @@ class Run:
 def prepare_run(recipe: Recipe, mode: str) -> Run:
     """Everything before the loop (mode "train") or before an eval-only scoring (mode "eval")."""
     acc, task, resume_from = start_run(recipe, mode)
+    elastic = ckpt.adapt_to_process_count(recipe, acc, resume_from) if resume_from is not None else None
     splits, bad_rows = load_splits(recipe, task, acc, need_train=mode == "train")
     model, tokenizer = load_model(recipe, task, splits)
     run = Run(recipe, acc, task, model, tokenizer, resume_from=resume_from, context=context_length(model))
+    run.elastic = elastic
     run.model, run.packing, run.targets_only = prepare_model(model, recipe, acc)
     build_train_loaders(run, splits)
     for split, counts in bad_rows.items():  # results.json says what was left out, and why
@@ -376,9 +378,11 @@ def build_train_loaders(run: Run, splits: dict) -> None:
             )
     run.data_fingerprint = ckpt.data_fingerprint(train_ds)
     batch = recipe.train.per_device_train_batch_size
+    accumulation = recipe.train.gradient_accumulation_steps
     run.train_loader = build_train_loader(
-        train_ds, batch, recipe.seed, run.packing, tok.pad_token_id, data_cfg.max_seq_len, acc.num_processes
-    )
+        train_ds, batch, recipe.seed, run.packing, tok.pad_token_id, data_cfg.max_seq_len, acc.num_processes,
+        accumulation,
+    )  # fmt: skip
     run.batches_per_epoch = -(-len(train_ds) // (batch * acc.num_processes))
     run.steps_per_epoch = steps_per_epoch(
         len(train_ds), batch, acc.num_processes, recipe.train.gradient_accumulation_steps

@@ -215,7 +215,8 @@ def train(recipe: Recipe) -> dict:
     model, optimizer, train_loader, scheduler = acc.prepare(run.model, optimizer, run.train_loader, scheduler)
     run.model = model
     if run.resume_from is not None:
-        progress = ckpt.restore(acc, run.resume_from)  # weights, optimizer, scheduler, every process's RNG
+        # Weights, optimizer, scheduler, every process's RNG (rescaled when the process count changed).
+        progress = ckpt.restore(acc, run.resume_from, scheduler, recipe.seed)
     else:
         progress = Progress()
         set_seed(recipe.seed)

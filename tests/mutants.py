@@ -62,6 +62,7 @@ RESUME_UNPACKED = "tests/test_resume.py::test_resume_unpacked_across_an_epoch_bo
 RESUME_SIGTERM = "tests/test_resume.py::test_sigterm_saves_a_checkpoint_and_says_how_to_resume"
 PACKED_APART = f"{UNIT}::test_packed_examples_never_predict_each_other"
 BEST = "tests/test_selection.py::test_best_checkpoint_is_published_and_reproducible"
+ELASTIC = "tests/test_elastic.py::test_two_processes_resume_on_one"
 EARLY_STOP = "tests/test_selection.py::test_early_stopping_and_a_resume_that_keeps_patience"
 BAD_ROWS = "tests/test_tasks.py::test_rows_the_task_cannot_use_are_dropped_counted_and_not_scored"
 EMPTY_COMPLETION = "tests/test_completion.py::test_empty_completion_rows_are_dropped_and_counted"
@@ -220,6 +221,13 @@ MUTANTS = [
       "task = resolve_recipe(recipe)\n", "task = get_task(recipe.task)\n",
       (RESOLVED_CONFIG,)),
     # -- task: completion masks its prompt and scores out-of-set labels as wrong
+    # -- a resume on another process count continues at the same global position and learning rate
+    M("elastic-position-not-rescaled", "hftoolkit/checkpoint.py",
+      'state["batches_in_epoch"] = state["batches_in_epoch"] * saved // now', "pass",
+      (ELASTIC,)),
+    M("elastic-schedule-not-rescaled", "hftoolkit/checkpoint.py",
+      'inner.last_epoch = state["step"] * now', 'inner.last_epoch = state["step"] * saved',
+      (ELASTIC,)),
     # -- the published model is the best periodic evaluation's, which rotation never deletes
     M("best-checkpoint-rotated", "hftoolkit/checkpoint.py",
       "if keep_also is None or old.resolve() != keep_also.resolve():", "if True:",
