@@ -9,6 +9,8 @@ Label rules (the ones other toolkits get wrong):
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -349,6 +351,16 @@ def encode_documents(task, tokenizer, rows: list[dict], data_cfg, max_len: int, 
     return out
 
 
+@functools.cache
+def tokenization_code_digest() -> str:
+    """sha256 of the source that turns rows into training examples (this file and the tasks)."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in [root / "data.py", *sorted((root / "tasks").glob("*.py"))]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def tokenize_split(task, tokenizer, ds, data_cfg, max_len: int, packing: bool):
     """Tokenize a raw split with datasets.map (batched, cached) into training examples; returns (dataset, Stats).
 
@@ -372,7 +384,15 @@ def tokenize_split(task, tokenizer, ds, data_cfg, max_len: int, packing: bool):
         ]
         return {k: [e[k] for e in examples] for k in keys}
 
-    encoded = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing")
+    from datasets.fingerprint import Hasher
+
+    # datasets keys its cache on a hash of `encode`, which names the module functions it calls without their code:
+    # an edited or upgraded hftoolkit would reuse stale tokenization of the same file. The code goes into the key.
+    fingerprint = Hasher.hash([ds._fingerprint, Hasher.hash(encode), tokenization_code_digest()])
+    encoded = ds.map(
+        encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing",
+        new_fingerprint=fingerprint,
+    )  # fmt: skip
     cols = encoded.select_columns(list(STAT_COLUMNS)).to_dict()
     stats = Stats(
         examples=len(ds),

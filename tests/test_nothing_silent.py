@@ -4,6 +4,7 @@ again is in test_resume.py)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hftoolkit.rundir import LOCK
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.test_resume import QA
 
 GEN = "recipes/quickstart/generation.yaml"
@@ -136,3 +137,53 @@ def test_resume_with_more_steps_extends_the_run(tmp_path, cli):
     code, _, err = cli("train", QA, *base, "train.max_steps=8", "train.learning_rate=0.002",
                        "train.resume_from_checkpoint=latest")  # fmt: skip
     assert code == 2 and "was trained with a different config (train.learning_rate: 0.001 → 0.002)" in err
+
+
+# ------------------------------------------------------------------------------------------------ tokenization cache
+
+PROBE = """
+import json, sys
+from datasets import load_dataset
+import hftoolkit.data as data
+from hftoolkit.config import load_recipe
+from hftoolkit.modeling import gpt2_tokenizer, prepare_tokenizer
+from hftoolkit.tasks import get_task
+ds = load_dataset("json", data_files=sys.argv[1])["train"]
+cfg = load_recipe(None, ["task=summarization", "data.synthetic.num_train=1"]).data
+encoded, _ = data.tokenize_split(get_task("summarization"), prepare_tokenizer(gpt2_tokenizer(), "gpt2"), ds, cfg, 64, True)
+assert data.__file__.startswith(sys.argv[2]), data.__file__
+print(json.dumps(encoded[0]["labels"]))
+"""
+
+
+@pytest.mark.slow  # three subprocesses (~5 s of imports each)
+def test_changed_tokenization_code_does_not_reuse_the_cache(tmp_path):
+    """If this fails, datasets' map cache (keyed on the `encode` closure, which names the functions it calls
+    without their code) hands an upgraded or edited hftoolkit the examples its previous version tokenized."""
+    import shutil
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"document": f"Ann met Bob {i} .", "summary": f"Bob {i} ."}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO_ROOT / "hftoolkit", copy / "hftoolkit")
+    (copy / "probe.py").write_text(PROBE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(copy),
+        "HF_DATASETS_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+    def labels() -> list[int]:
+        cmd = [sys.executable, "probe.py", str(rows), str(copy)]
+        out = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = labels()
+    assert labels() == first and first[-1] != -100  # the same code: the cache serves the same examples
+    data_py = copy / "hftoolkit" / "data.py"
+    old = '"labels": [-100] * len(prompt) + target,'
+    assert data_py.read_text().count(old) == 1
+    data_py.write_text(data_py.read_text().replace(old, '"labels": [-100] * (len(prompt) + len(target)),'))
+    assert labels() == [-100] * len(first)  # the edited code re-tokenizes
