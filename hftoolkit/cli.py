@@ -21,7 +21,6 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=OVERRIDE_HELP)
 
 
-# Long on purpose: one declaration block per subcommand, so this function reads as the CLI's reference.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hftoolkit",
@@ -31,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Add --debug to any command to see the full traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_recipe_commands(sub)
+    _add_model_commands(sub)
+    _add_push_recipes_report(sub)
+    _add_merge_quickstart(sub)
+    return parser
 
+
+def _add_recipe_commands(sub) -> None:
+    """train, eval, plan: RECIPE [key.sub=value ...]."""
     p = sub.add_parser("train", help="fine-tune per a recipe", description="Fine-tune per a recipe; writes the run directory "
                        "(config.yaml, metrics.jsonl, results.json, predictions.jsonl, model/, ...). Same under "
                        "`accelerate launch [args] -m hftoolkit train RECIPE.yaml`.")  # fmt: skip
@@ -55,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput for the time estimate (default: a previous run's in output_dir)",
     )
 
+
+def _add_model_commands(sub) -> None:
+    """generate, init-model: a model folder in or out."""
     p = sub.add_parser("generate", help="apply a task's prompt template + decoding to inputs",
                        description="Run a trained model on inputs through its task's prompt template and decoding. "
                        "Inputs: --input (repeatable), else stdin lines, else an interactive prompt.")  # fmt: skip
@@ -87,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="initialisation seed")
 
+
+def _add_push_recipes_report(sub) -> None:
+    """push, recipes, report."""
     p = sub.add_parser("push", help="publish a run to the Hugging Face Hub",
                        description="Upload RUN_DIR/model, the card, config, results and plots to a Hub repo. "
                        "Token from HF_TOKEN or `hf auth login`.")  # fmt: skip
@@ -121,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
 
+
+def _add_merge_quickstart(sub) -> None:
+    """merge, quickstart."""
     p = sub.add_parser("merge", help="merge a LoRA run's adapters into a plain checkpoint",
                        description="Write RUN_DIR/merged: the base model with LoRA adapters merged; loads without peft.")  # fmt: skip
     p.add_argument("run_dir")
@@ -132,7 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-root", default="runs/quickstart", help="where the runs go (default runs/quickstart)"
     )
     p.add_argument("--tasks", nargs="*", default=None, help=f"subset of: {' '.join(TASKS)}")
-    return parser
 
 
 # Long on purpose: one short branch per subcommand, each importing only what that command needs.

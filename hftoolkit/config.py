@@ -442,91 +442,110 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     return recipe
 
 
-# Long on purpose: every cross-field and range check of a recipe lives here, in one place.
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
 def validate(r: Recipe) -> None:
-    """Cross-field and range checks, all in one place. Each failure names the key and the fix."""
+    """Cross-field and range checks, all in one place (section by section below). Each failure names the key and
+    the fix."""
     from hftoolkit.tasks import TASKS
 
-    t, d, e = r.train, r.data, r.eval
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(message)
-
-    need(
+    _need(
         r.task in TASKS,
         f"task: expected one of {' | '.join(repr(name) for name in TASKS)}, got {r.task!r}",
     )
-    need(
+    _check_train(r.train)
+    _check_data(r.data)
+    TASKS[r.task].check_config(r.data)
+    _check_eval(r.eval)
+    _check_hub(r.hub, r.train)
+    _check_model(r.model)
+
+
+def _check_train(t: TrainConfig) -> None:
+    _need(
         0 < t.learning_rate < 1,
         f"train.learning_rate: {t.learning_rate:g} is out of range (0, 1); typical: 1e-5 to 1e-3",
     )
-    need(t.per_device_train_batch_size >= 1, "train.per_device_train_batch_size: must be ≥ 1")
-    need(e.per_device_eval_batch_size >= 1, "eval.per_device_eval_batch_size: must be ≥ 1")
-    need(e.batch_tokens is None or e.batch_tokens >= 1, "eval.batch_tokens: must be ≥ 1 (or null)")
-    need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be ≥ 1")
-    need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: {t.warmup_ratio:g} is out of range [0, 1)")
-    need(
+    _need(t.per_device_train_batch_size >= 1, "train.per_device_train_batch_size: must be ≥ 1")
+    _need(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps: must be ≥ 1")
+    _need(0 <= t.warmup_ratio < 1, f"train.warmup_ratio: {t.warmup_ratio:g} is out of range [0, 1)")
+    _need(
         t.num_train_epochs > 0 or t.max_steps > 0,
         "train.num_train_epochs: must be > 0 (or set train.max_steps > 0)",
     )
-    need(t.max_grad_norm >= 0, "train.max_grad_norm: must be ≥ 0 (0 disables clipping)")
+    _need(t.max_grad_norm >= 0, "train.max_grad_norm: must be ≥ 0 (0 disables clipping)")
     from transformers import SchedulerType
 
     schedulers = [s.value for s in SchedulerType]
-    need(
+    _need(
         t.lr_scheduler_type in schedulers,
         f"train.lr_scheduler_type: '{t.lr_scheduler_type}' is not a transformers scheduler (choose one of: "
         f"{', '.join(schedulers)})",
     )
-    need(t.weight_decay >= 0, "train.weight_decay: must be ≥ 0")
-    need(t.logging_steps >= 1, "train.logging_steps: must be ≥ 1")
-    need(
+    _need(t.weight_decay >= 0, "train.weight_decay: must be ≥ 0")
+    _need(t.logging_steps >= 1, "train.logging_steps: must be ≥ 1")
+    _need(
         t.early_stopping_patience is None or (t.early_stopping_patience >= 1 and t.eval_steps),
         "train.early_stopping_patience: must be ≥ 1, and needs train.eval_steps (stopping is decided on the "
         "periodic evaluations)",
     )
-    need(t.early_stopping_threshold >= 0, "train.early_stopping_threshold: must be ≥ 0")
+    _need(t.early_stopping_threshold >= 0, "train.early_stopping_threshold: must be ≥ 0")
     for name in ("eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
         value = getattr(t, name)
-        need(value is None or value >= 1, f"train.{name}: must be ≥ 1 or null")
-    need(d.max_seq_len >= 8, f"data.max_seq_len: {d.max_seq_len} is too small (≥ 8)")
+        _need(value is None or value >= 1, f"train.{name}: must be ≥ 1 or null")
+
+
+def _check_data(d: DataConfig) -> None:
+    _need(d.max_seq_len >= 8, f"data.max_seq_len: {d.max_seq_len} is too small (≥ 8)")
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, name)
-        need(value is None or value >= 1, f"data.{name}: must be ≥ 1 or null")
-    need(0 < d.validation_split_percentage < 100, "data.validation_split_percentage: must be in (0, 100)")
-    need(0 <= d.max_bad_rows_share <= 1, "data.max_bad_rows_share: must be in [0, 1] (0.05 = 5 %)")
-    need(e.num_beams >= 1, "eval.num_beams: must be ≥ 1")
-    need(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens: must be ≥ 1 or null")
-    need(e.temperature > 0, "eval.temperature: must be > 0")
-    need(0 < e.top_p <= 1, "eval.top_p: must be in (0, 1]")
+        _need(value is None or value >= 1, f"data.{name}: must be ≥ 1 or null")
+    _need(0 < d.validation_split_percentage < 100, "data.validation_split_percentage: must be in (0, 100)")
+    _need(0 <= d.max_bad_rows_share <= 1, "data.max_bad_rows_share: must be in [0, 1] (0.05 = 5 %)")
     sources = [
         d.dataset_name is not None,
         d.train_file is not None or d.validation_file is not None,
         d.synthetic is not None,
     ]
-    need(
+    _need(
         sum(sources) == 1,
         "data: set exactly one of data.dataset_name, data.train_file/validation_file, data.synthetic",
     )
-    TASKS[r.task].check_config(d)
-    need(
-        r.hub.strategy == "end" or (r.hub.push and t.save_steps),
-        f"hub.strategy: {r.hub.strategy} uploads saved checkpoints; it needs hub.push=true and train.save_steps",
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _need(e.per_device_eval_batch_size >= 1, "eval.per_device_eval_batch_size: must be ≥ 1")
+    _need(e.batch_tokens is None or e.batch_tokens >= 1, "eval.batch_tokens: must be ≥ 1 (or null)")
+    _need(e.num_beams >= 1, "eval.num_beams: must be ≥ 1")
+    _need(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens: must be ≥ 1 or null")
+    _need(e.temperature > 0, "eval.temperature: must be > 0")
+    _need(0 < e.top_p <= 1, "eval.top_p: must be in (0, 1]")
+
+
+def _check_hub(h: HubConfig, t: TrainConfig) -> None:
+    _need(
+        h.strategy == "end" or (h.push and t.save_steps),
+        f"hub.strategy: {h.strategy} uploads saved checkpoints; it needs hub.push=true and train.save_steps",
     )
-    need(
-        not (r.hub.push and not r.hub.repo_id),
+    _need(
+        not (h.push and not h.repo_id),
         "hub.repo_id: required when hub.push is true (e.g. your-name/my-model)",
     )
-    if r.model.init is not None:
-        tok = r.model.init.tokenizer
-        need(
+
+
+def _check_model(m: ModelConfig) -> None:
+    if m.init is not None:
+        tok = m.init.tokenizer
+        _need(
             tok == "gpt2" or tok == "bpe" or tok.startswith("bpe:"),
             f"model.init.tokenizer: '{tok}' is not gpt2, bpe or bpe:TEXT_FILE",
         )
-    need(r.model.dropout is None or 0 <= r.model.dropout < 1, "model.dropout: must be in [0, 1) or null")
-    if r.model.lora is not None:
-        need(r.model.lora.r >= 1, "model.lora.r: must be ≥ 1")
+    _need(m.dropout is None or 0 <= m.dropout < 1, "model.dropout: must be in [0, 1) or null")
+    if m.lora is not None:
+        _need(m.lora.r >= 1, "model.lora.r: must be ≥ 1")
 
 
 def to_dict(r: Recipe) -> dict:

@@ -101,7 +101,112 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
-# Long on purpose: one branch per bundled metric, listing the settings that change its numbers.
+def _describe_sacrebleu(name: str, kwargs: dict[str, Any], nrefs) -> dict[str, Any]:
+    import sacrebleu
+
+    bleu = sacrebleu.BLEU(
+        lowercase=kwargs.get("lowercase", False),
+        force=kwargs.get("force", False),
+        tokenize=kwargs.get("tokenize"),
+        smooth_method=kwargs.get("smooth_method", "exp"),
+        smooth_value=kwargs.get("smooth_value"),
+        effective_order=kwargs.get("use_effective_order", False),
+    )
+    return {
+        "name": name,
+        "library": "sacrebleu",
+        "library_version": sacrebleu.__version__,
+        "signature": _sacrebleu_signature(bleu, nrefs),
+    }
+
+
+def _describe_chrf(name: str, kwargs: dict[str, Any], nrefs) -> dict[str, Any]:
+    import sacrebleu
+
+    chrf = sacrebleu.CHRF(
+        char_order=kwargs.get("char_order", sacrebleu.CHRF.CHAR_ORDER),
+        word_order=kwargs.get("word_order", sacrebleu.CHRF.WORD_ORDER),
+        beta=kwargs.get("beta", sacrebleu.CHRF.BETA),
+        lowercase=kwargs.get("lowercase", False),
+        whitespace=kwargs.get("whitespace", False),
+        eps_smoothing=kwargs.get("eps_smoothing", False),
+    )
+    return {
+        "name": name,
+        "library": "sacrebleu",
+        "library_version": sacrebleu.__version__,
+        "signature": _sacrebleu_signature(chrf, nrefs),
+    }
+
+
+def _describe_rouge(name: str, kwargs: dict[str, Any], nrefs) -> dict[str, Any]:
+    use_aggregator = bool(kwargs.get("use_aggregator", True))
+    description = {
+        "name": name,
+        "library": "rouge_score",
+        "library_version": _library_version("rouge_score"),
+        "rouge_types": list(kwargs.get("rouge_types") or _ROUGE_TYPES),
+        "use_stemmer": bool(kwargs.get("use_stemmer", False)),
+        "tokenizer": "default" if kwargs.get("tokenizer") is None else "custom",
+        "use_aggregator": use_aggregator,
+    }
+    if use_aggregator:
+        description["aggregation"] = f"bootstrap mid F-measure, 1000 samples, seed {_ROUGE_BOOTSTRAP_SEED}"
+    return description
+
+
+def _describe_squad(name: str, kwargs: dict[str, Any], nrefs) -> dict[str, Any]:
+    description = {
+        "name": name,
+        "library": "hftoolkit",
+        "library_version": __version__,
+        "normalization": "official SQuAD script: lowercase, strip punctuation and a/an/the, collapse spaces",
+    }
+    if name == "squad_v2":
+        description["no_answer_threshold"] = float(kwargs.get("no_answer_threshold", 1.0))
+    return description
+
+
+def _describe_exact_match(name: str, kwargs: dict[str, Any], nrefs) -> dict[str, Any]:
+    return {
+        "name": name,
+        "library": "hftoolkit",
+        "library_version": __version__,
+        **{
+            key: _json_safe(kwargs.get(key, default))
+            for key, default in (
+                ("regexes_to_ignore", None),
+                ("ignore_case", False),
+                ("ignore_punctuation", False),
+                ("ignore_numbers", False),
+            )
+        },
+    }
+
+
+def _describe_perplexity(name: str, kwargs: dict[str, Any], nrefs) -> dict[str, Any]:
+    return {
+        "name": name,
+        "library": "transformers",
+        "library_version": _library_version("transformers"),
+        "model_id": _json_safe(kwargs.get("model_id")),
+        "add_start_token": bool(kwargs.get("add_start_token", True)),
+        "max_length": kwargs.get("max_length"),
+    }
+
+
+# The settings that change each bundled metric's numbers (and its library).
+_DESCRIBERS = {
+    "sacrebleu": _describe_sacrebleu,
+    "chrf": _describe_chrf,
+    "rouge": _describe_rouge,
+    "squad": _describe_squad,
+    "squad_v2": _describe_squad,
+    "exact_match": _describe_exact_match,
+    "perplexity": _describe_perplexity,
+}
+
+
 def describe(
     module: evaluate.EvaluationModule | str, nrefs: int | str | None = None, **compute_kwargs: Any
 ) -> dict[str, Any]:
@@ -123,91 +228,8 @@ def describe(
     nrefs = _nrefs(compute_kwargs.pop("references", None), nrefs)
     compute_kwargs.pop("predictions", None)
     kwargs = compute_kwargs
-
-    if name == "sacrebleu":
-        import sacrebleu
-
-        bleu = sacrebleu.BLEU(
-            lowercase=kwargs.get("lowercase", False),
-            force=kwargs.get("force", False),
-            tokenize=kwargs.get("tokenize"),
-            smooth_method=kwargs.get("smooth_method", "exp"),
-            smooth_value=kwargs.get("smooth_value"),
-            effective_order=kwargs.get("use_effective_order", False),
-        )
-        return {
-            "name": name,
-            "library": "sacrebleu",
-            "library_version": sacrebleu.__version__,
-            "signature": _sacrebleu_signature(bleu, nrefs),
-        }
-    if name == "chrf":
-        import sacrebleu
-
-        chrf = sacrebleu.CHRF(
-            char_order=kwargs.get("char_order", sacrebleu.CHRF.CHAR_ORDER),
-            word_order=kwargs.get("word_order", sacrebleu.CHRF.WORD_ORDER),
-            beta=kwargs.get("beta", sacrebleu.CHRF.BETA),
-            lowercase=kwargs.get("lowercase", False),
-            whitespace=kwargs.get("whitespace", False),
-            eps_smoothing=kwargs.get("eps_smoothing", False),
-        )
-        return {
-            "name": name,
-            "library": "sacrebleu",
-            "library_version": sacrebleu.__version__,
-            "signature": _sacrebleu_signature(chrf, nrefs),
-        }
-    if name == "rouge":
-        use_aggregator = bool(kwargs.get("use_aggregator", True))
-        description = {
-            "name": name,
-            "library": "rouge_score",
-            "library_version": _library_version("rouge_score"),
-            "rouge_types": list(kwargs.get("rouge_types") or _ROUGE_TYPES),
-            "use_stemmer": bool(kwargs.get("use_stemmer", False)),
-            "tokenizer": "default" if kwargs.get("tokenizer") is None else "custom",
-            "use_aggregator": use_aggregator,
-        }
-        if use_aggregator:
-            description["aggregation"] = (
-                f"bootstrap mid F-measure, 1000 samples, seed {_ROUGE_BOOTSTRAP_SEED}"
-            )
-        return description
-    if name in ("squad", "squad_v2"):
-        description = {
-            "name": name,
-            "library": "hftoolkit",
-            "library_version": __version__,
-            "normalization": "official SQuAD script: lowercase, strip punctuation and a/an/the, collapse spaces",
-        }
-        if name == "squad_v2":
-            description["no_answer_threshold"] = float(kwargs.get("no_answer_threshold", 1.0))
-        return description
-    if name == "exact_match":
-        return {
-            "name": name,
-            "library": "hftoolkit",
-            "library_version": __version__,
-            **{
-                key: _json_safe(kwargs.get(key, default))
-                for key, default in (
-                    ("regexes_to_ignore", None),
-                    ("ignore_case", False),
-                    ("ignore_punctuation", False),
-                    ("ignore_numbers", False),
-                )
-            },
-        }
-    if name == "perplexity":
-        return {
-            "name": name,
-            "library": "transformers",
-            "library_version": _library_version("transformers"),
-            "model_id": _json_safe(kwargs.get("model_id")),
-            "add_start_token": bool(kwargs.get("add_start_token", True)),
-            "max_length": kwargs.get("max_length"),
-        }
+    if (describer := _DESCRIBERS.get(name)) is not None:
+        return describer(name, kwargs, nrefs)
     return {
         "name": name,
         "library": "evaluate",

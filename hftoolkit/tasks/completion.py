@@ -8,6 +8,7 @@ is over budget. With `data.labels` it is a classifier: scored by exact match, wi
 
 from __future__ import annotations
 
+import functools
 import string
 
 from hftoolkit.errors import UserError
@@ -31,9 +32,10 @@ _PHRASES = (
 _WHEN = ("today", "since monday", "this week", "again", "for two days", "right now", "once more")
 
 
-def template_fields(template: str) -> list[str]:
+@functools.cache  # called for every row while tokenizing and checking rows: parse each template once
+def template_fields(template: str) -> tuple[str, ...]:
     try:
-        return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
+        return tuple(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
     except ValueError as e:  # "{" without "}" and the like
         raise UserError(f"data.prompt_template: not a {{field}} template ({e}): {template!r}") from None
 
@@ -85,7 +87,7 @@ class CompletionTask(BaseTask):
         target = [data_cfg.target_column] if data_cfg.target_column else []
         if data_cfg.target_template:
             target = template_fields(data_cfg.target_template)
-        return list(dict.fromkeys(template_fields(data_cfg.prompt_template) + target))
+        return list(dict.fromkeys(template_fields(data_cfg.prompt_template) + tuple(target)))
 
     def fields(self, row, data_cfg) -> dict[str, str]:
         return {
