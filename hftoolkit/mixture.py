@@ -166,7 +166,7 @@ def check_source_columns(task, d, spec, ds, label: str, split: str):
     for recipe_name, own in (spec.columns or {}).items():
         if own not in columns:
             raise UserError(
-                f"{label}: columns.{recipe_name}: '{own}' is not a column of it (columns: {', '.join(columns)})"
+                f"{label}: columns.{recipe_name}: '{own}' is not one of its columns ({', '.join(columns)})"
             )
         renames[own] = recipe_name
     ds = ds.rename_columns({a: b for a, b in renames.items() if a != b}) if renames else ds
@@ -174,7 +174,7 @@ def check_source_columns(task, d, spec, ds, label: str, split: str):
     for key in COLUMN_KEYS:
         value = getattr(spec, key)
         if key.endswith("_column") and value is not None and value not in columns:
-            raise UserError(f"{label}: {key} '{value}' is not a column of it (columns: {', '.join(columns)})")
+            raise UserError(f"{label}: {key} '{value}' is not one of its columns ({', '.join(columns)})")
     cfg = spec_config(d, spec)
     try:
         check_columns(task, cfg, ds, split)
