@@ -169,7 +169,9 @@ def check_source_columns(task, d, spec, ds, label: str, split: str):
                 f"{label}: columns.{recipe_name}: '{own}' is not one of its columns ({', '.join(columns)})"
             )
         renames[own] = recipe_name
-    ds = ds.rename_columns({a: b for a, b in renames.items() if a != b}) if renames else ds
+    # A column already named as a rename's target is replaced by it (`columns: {summary: short}` over a "summary").
+    shadowed = [name for name in renames.values() if name in columns and name not in renames]
+    ds = ds.remove_columns(shadowed).rename_columns({a: b for a, b in renames.items() if a != b})
     columns = list(ds.column_names)
     for key in COLUMN_KEYS:
         value = getattr(spec, key)

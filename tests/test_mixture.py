@@ -84,19 +84,27 @@ def test_all_exhausted_uses_every_row_of_every_source(tmp_path):
 
 def test_each_source_reaches_the_task_fields_through_its_own_columns(tmp_path):
     a, b = two_sources(tmp_path, n=50)
-    recipe = mixture_recipe(tmp_path, a, b)
+    c = (
+        tmp_path / "c.csv"
+    )  # a third layout, renamed with `columns`; its own "summary" column is not the target
+    c.write_text("txt,short,summary\n" + "".join(f"gamma text {i} .,g{i},wrong{i}\n" for i in range(50)))
+    sources = (
+        f"data.sources=[{{train_file: {a}}}, {{train_file: {b}, text_column: body, summary_column: tldr}}, "
+        f"{{train_file: {c}, columns: {{document: txt, summary: short}}}}]"
+    )
+    overrides = [*tiny_overrides(tmp_path / "out"), "data.synthetic=null", sources]
+    recipe = load_recipe(SUMMARIZATION, overrides)
     splits, _, task = load_train(recipe, tmp_path)
     originals = {json.loads(line)["body"]: json.loads(line)["tldr"] for line in b.read_text().splitlines()}
-    originals |= {
-        json.loads(line)["document"]: json.loads(line)["summary"] for line in a.read_text().splitlines()
-    }
+    originals |= {json.loads(x)["document"]: json.loads(x)["summary"] for x in a.read_text().splitlines()}
+    originals |= {f"gamma text {i} .": f"g{i}" for i in range(50)}
     seen = Counter()
     for row in splits["train"]:
         document = task.fields(row, recipe.data)["document"]
         assert task.target(row, recipe.data) == originals[document]  # the pair of the file's own row
         seen[document.split()[0]] += 1
-        assert document.startswith("beta" if row[SOURCE_COLUMN] == 1 else "alpha")
-    assert set(seen) == {"alpha", "beta"}
+        assert document.startswith(("alpha", "beta", "gamma")[row[SOURCE_COLUMN]])
+    assert set(seen) == {"alpha", "beta", "gamma"}
     assert sorted(splits["train"].column_names) == ["document", SOURCE_COLUMN, "summary"]
 
 
