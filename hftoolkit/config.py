@@ -447,7 +447,10 @@ def _apply_override(raw: dict, assignment: str) -> None:
     node = raw
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-        if part not in names:
+        named_entry = isinstance(
+            cls, tuple
+        )  # ("entry", item dataclass): any name, e.g. data.eval_sets.<name>
+        if part not in names and not named_entry:
             where = ".".join(parts[:i])
             raise UserError(
                 f"unknown key '{dotted}'{_nearest(part, names)}" + (f" under '{where}'" if where else "")
@@ -455,9 +458,10 @@ def _apply_override(raw: dict, assignment: str) -> None:
         if i == len(parts) - 1:
             node[part] = value
             break
-        tp = _hints(cls)[part]
+        tp = cls[1] if named_entry else _hints(cls)[part]
+        mappings = [a for a in typing.get_args(tp) if typing.get_origin(a) is dict]
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
-        cls = inner[0]
+        cls = ("entry", typing.get_args(mappings[0])[1]) if mappings else inner[0]
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]

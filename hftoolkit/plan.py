@@ -24,7 +24,14 @@ DIM, BOLD, RESET = "\033[2m", "\033[1m", "\033[0m"
 def config_diff(recipe: Recipe) -> list[tuple[str, object, object]]:
     """(key, default, value) for every key the recipe sets away from the defaults."""
     now, default = flatten(to_dict(recipe)), flatten(to_dict(Recipe()))
-    return [(k, default.get(k), v) for k, v in now.items() if default.get(k) != v]
+    return [(k, default.get(k), _set_keys(v)) for k, v in now.items() if default.get(k) != v]
+
+
+def _set_keys(value):
+    """A list of mappings (data.sources) with only the keys each entry sets."""
+    if isinstance(value, list):
+        return [{k: v for k, v in x.items() if v is not None} if isinstance(x, dict) else x for x in value]
+    return value
 
 
 def render_example(tokenizer, example: dict, color: bool) -> str:

@@ -65,7 +65,8 @@ def test_weights_3_to_1_realise_75_25_in_the_same_order_on_reload(tmp_path):
     again, _, _ = load_train(mixture_recipe(tmp_path, a, b), tmp_path)
     assert again["train"]["document"] == documents
     other, _, _ = load_train(mixture_recipe(tmp_path, a, b, "seed=7"), tmp_path)
-    assert other["train"]["document"] != documents
+    # another seed draws the sources in another order (not only other held-out rows)
+    assert other["train"][SOURCE_COLUMN] != train[SOURCE_COLUMN]
     # validation: each source's held-out rows, from both sources, disjoint from the training rows
     held = splits["validation"]
     assert set(Counter(held[SOURCE_COLUMN])) == {0, 1} and not set(held["document"]) & set(documents)
@@ -271,3 +272,14 @@ def test_two_eval_sets_end_to_end(tmp_path, cli):
     final_alone = json.loads((alone / "results.json").read_text())["final"]
     assert final_alone["eval_loss"] == pytest.approx(sets_out["second"]["final"]["eval_loss"], abs=1e-4)
     assert final_alone["rougeL"] == pytest.approx(sets_out["second"]["final"]["rougeL"], abs=1e-4)
+
+
+def test_an_eval_set_key_is_an_override_away(tmp_path):
+    """`data.eval_sets.<name>.<key>=value` reaches that set (e.g. a smaller set for a quick `hftoolkit eval`)."""
+    from hftoolkit.errors import UserError
+
+    base = [*tiny_overrides(tmp_path / "o"), "data.eval_sets={a: {validation_file: a.jsonl}}"]
+    recipe = load_recipe(SUMMARIZATION, [*base, "data.eval_sets.a.max_eval_samples=5"])
+    assert recipe.data.eval_sets["a"].max_eval_samples == 5
+    with pytest.raises(UserError, match=r"unknown key 'data\.eval_sets\.a\.max_eval_sample' \(did you mean"):
+        load_recipe(SUMMARIZATION, [*base, "data.eval_sets.a.max_eval_sample=5"])
