@@ -283,3 +283,15 @@ def test_an_eval_set_key_is_an_override_away(tmp_path):
     assert recipe.data.eval_sets["a"].max_eval_samples == 5
     with pytest.raises(UserError, match=r"unknown key 'data\.eval_sets\.a\.max_eval_sample' \(did you mean"):
         load_recipe(SUMMARIZATION, [*base, "data.eval_sets.a.max_eval_sample=5"])
+
+
+def test_a_validation_file_next_to_sources_is_the_validation_split_and_nothing_is_held_out(tmp_path):
+    a, b = two_sources(tmp_path, n=60)
+    held = write_jsonl(
+        tmp_path / "dev.jsonl", [{"document": f"dev {i} .", "summary": f"d{i}"} for i in range(7)]
+    )
+    splits, _, _ = load_train(mixture_recipe(tmp_path, a, b, f"data.validation_file={held}"), tmp_path)
+    assert splits["validation"]["document"] == [f"dev {i} ." for i in range(7)]
+    assert (
+        Counter(splits["train"][SOURCE_COLUMN])[0] == 60
+    )  # all of source a: no validation part taken from it
