@@ -235,7 +235,8 @@ class TrainConfig:
     """Keep at most this many checkpoints (the oldest are deleted first; the best one is always kept)."""
     metric_for_best_model: str | None = None
     """Score that picks the best periodic evaluation (default: the task's headline, e.g. rougeL; perplexity for
-    generation); any key of the eval lines, e.g. eval_loss."""
+    generation); any key of the eval lines, e.g. eval_loss; with data.eval_sets "<set>/<metric>" (plain: the first
+    set's)."""
     greater_is_better: bool | None = None
     """Whether a larger metric_for_best_model is better (default: from the metric: losses and perplexity lower)."""
     load_best_model_at_end: bool | None = None
