@@ -348,9 +348,10 @@ def load_splits(recipe, output_dir: Path, task) -> tuple[dict, dict]:
         splits, bad_rows = {}, {}
     if d.eval_sets:
         sets, set_bad_rows = load_eval_sets(recipe, task)
-        splits["validation"] = next(iter(sets.values()))
+        first = next(iter(sets))
+        splits["validation"] = sets[first]
         splits.update({f"validation/{name}": ds for name, ds in sets.items()})
-        bad_rows.update(set_bad_rows)
+        bad_rows.update({"validation": set_bad_rows[f"validation/{first}"], **set_bad_rows})
     for split, ds in splits.items():
         if len(ds) == 0:
             raise UserError(
