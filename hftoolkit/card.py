@@ -20,7 +20,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from hftoolkit.report import fmt, is_number, publication_note, results_table, throughput_summary
+from hftoolkit.report import (
+    describe_source,
+    eval_set_tables,
+    fmt,
+    is_number,
+    publication_note,
+    results_table,
+    throughput_summary,
+)
 from hftoolkit.rundir import ModelInfo, read_json_object, read_run
 from hftoolkit.tasks import TASKS, lower_is_better
 
@@ -44,29 +52,16 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     task = TASKS.get(info.task)
     task_type, task_pretty = task.hub_task if task else ("text-generation", info.task)
     model_name = repo_id.split("/")[-1] if repo_id else run.path.name
-    final = {k: v for k, v in run.final().items() if is_number(v)}
     dataset = _eval_dataset(run.results or {}, data_cfg)
-
-    eval_results = [
-        EvalResult(
-            task_type=task_type,
-            task_name=task_pretty,
-            dataset_type=dataset["name"],
-            dataset_name=dataset["name"] + (f" ({dataset['config']})" if dataset.get("config") else ""),
-            dataset_config=dataset.get("config"),
-            dataset_split=dataset.get("split"),
-            metric_type=name,
-            metric_name=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in final.items()
-    ]
+    entries = model_index_entries(run, {"type": task_type, "name": task_pretty}, dataset)
+    eval_results = to_eval_results(entries)
     base_model = hub_id(model_cfg.get("name_or_path")) if not model_cfg.get("init") else None
-    dataset_id = hub_id(data_cfg.get("dataset_name"))
+    sources = data_cfg.get("sources") or [data_cfg]
+    dataset_ids = list(dict.fromkeys(i for s in sources if (i := hub_id(s.get("dataset_name")))))
     tags = ["hftoolkit", info.task, str(model_config.get("model_type") or "gpt2"), "text-generation"]
     card_data = ModelCardData(
         base_model=base_model,
-        datasets=[dataset_id] if dataset_id else None,
+        datasets=dataset_ids or None,
         license=str(hub_cfg.get("license") or DEFAULT_LICENSE),
         language=task.languages({**info.data, **data_cfg}) if task else None,
         library_name="transformers",
@@ -77,6 +72,56 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     )
     body = _card_body(run, model_name, repo_id, base_model, info, model_config, dataset)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def model_index_entries(run, task: dict, dataset: dict) -> list[dict]:
+    """The model-index results, one entry per evaluated dataset: {"dataset": {"name", "type", "config", "split"},
+    "task": {"type", "name"}, "metrics": {name: value}, "metric_config": {...}}. Each of data.eval_sets is one entry
+    (its final scores); without them the run's eval split (`dataset`) is."""
+    results = run.results or {}
+    metric_config = results.get("metric_config") or {}
+    sets = results.get("eval_sets") or {}
+    if not sets:
+        ref = {"name": dataset["name"] + (f" ({dataset['config']})" if dataset.get("config") else ""),
+               "type": dataset["name"], "config": dataset.get("config"), "split": dataset.get("split")}  # fmt: skip
+        return [{"dataset": ref, "task": task, "metrics": run.final(), "metric_config": metric_config}]
+    entries = []
+    for name, scores in sets.items():
+        ds = scores.get("dataset") or {}
+        source = str(ds.get("name") or name)
+        ref = {"name": name, "type": hub_id(source) or Path(source).name, "config": ds.get("config"),
+               "split": ds.get("split")}  # fmt: skip
+        entries.append(
+            {
+                "dataset": ref,
+                "task": task,
+                "metrics": scores.get("final") or {},
+                "metric_config": metric_config,
+            }
+        )
+    return entries
+
+
+def to_eval_results(entries: list[dict]) -> list[EvalResult]:
+    """huggingface_hub's EvalResults (the card's model-index) of model_index_entries-shaped entries; a string in an
+    entry's metric_config under a metric's name becomes that metric's `config`."""
+    return [
+        EvalResult(
+            task_type=e["task"]["type"],
+            task_name=e["task"].get("name"),
+            dataset_type=e["dataset"]["type"],
+            dataset_name=e["dataset"]["name"],
+            dataset_config=e["dataset"].get("config"),
+            dataset_split=e["dataset"].get("split"),
+            metric_type=name,
+            metric_name=name,
+            metric_value=round(float(value), 4),
+            metric_config=c if isinstance(c := (e.get("metric_config") or {}).get(name), str) else None,
+        )
+        for e in entries
+        for name, value in e["metrics"].items()
+        if is_number(value)
+    ]
 
 
 def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_config, dataset) -> str:
@@ -130,6 +175,8 @@ def _evaluation_section(run, dataset, lower) -> list[str]:
     lines += results_table(run.baseline(), run.final(), lower)
     if note := publication_note(run.results):
         lines += ["", note]
+    if sets := eval_set_tables(run.results, lower):
+        lines += ["", "Each of the run's eval sets (the table above is the first's):", "", *sets]
     lines += [
         "",
         f"On `{dataset['name']}`"
@@ -232,7 +279,7 @@ def _limitations_section(data_cfg: dict, context) -> list[str]:
         f"- Data: the model only knows what {_data_description(data_cfg)} and its base model taught it; "
         "expect errors and made-up facts outside that distribution."
     )
-    if not data_cfg.get("dataset_name") and not data_cfg.get("train_file"):
+    if not data_cfg.get("dataset_name") and not data_cfg.get("train_file") and not data_cfg.get("sources"):
         lines.append("- The training data was synthetic: this model demonstrates the pipeline, nothing more.")
     lines.append(
         "- A small GPT-2-class model: not evaluated for safety, bias or factuality; not for production decisions."
@@ -307,6 +354,8 @@ def _hyperparameters(cfg: dict) -> list[tuple[str, Any]]:
 
 
 def _data_description(data_cfg: dict) -> str:
+    if data_cfg.get("sources"):
+        return "a mixture of " + ", ".join(describe_source(s) for s in data_cfg["sources"])
     if data_cfg.get("dataset_name"):
         name = data_cfg["dataset_name"]
         config = f" ({data_cfg['dataset_config_name']})" if data_cfg.get("dataset_config_name") else ""

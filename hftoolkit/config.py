@@ -79,6 +79,53 @@ class SyntheticConfig:
     """Seed of the synthetic generator (independent of the run seed)."""
 
 
+# The data keys that name where a task reads its fields; each mixture source and eval set may set its own.
+COLUMN_KEYS = (
+    "text_column", "summary_column", "source_lang", "target_lang", "translation_column", "question_column",
+    "context_column", "answer_column", "target_column",
+)  # fmt: skip
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a mixture (data.sources) or one named eval set (data.eval_sets); see hftoolkit.mixture."""
+
+    dataset_name: str | None = None
+    """Hub dataset id (or use train_file / validation_file)."""
+    dataset_config_name: str | None = None
+    """Hub dataset configuration."""
+    train_file: str | None = None
+    """Local file (txt | json | jsonl | csv | parquet): a mixture source's rows."""
+    validation_file: str | None = None
+    """Local file: an eval set's rows."""
+    split: str | None = None
+    """Split to read (default: train for a source, validation for an eval set)."""
+    weight: float | str = 1.0
+    """data.sources: this source's share of the mixture, relative to the others' weights (> 0)."""
+    max_eval_samples: int | None = None
+    """data.eval_sets: keep only the first N rows of this set."""
+    columns: dict[str, str] | None = None
+    """Rename this dataset's columns to the recipe's: {recipe's column: this dataset's column}."""
+    text_column: str | None = None
+    """As data.text_column, for this dataset (default: data.text_column)."""
+    summary_column: str | None = None
+    """As data.summary_column, for this dataset."""
+    source_lang: str | None = None
+    """As data.source_lang: this dataset's key of the source language."""
+    target_lang: str | None = None
+    """As data.target_lang: this dataset's key of the target language."""
+    translation_column: str | None = None
+    """As data.translation_column, for this dataset."""
+    question_column: str | None = None
+    """As data.question_column, for this dataset."""
+    context_column: str | None = None
+    """As data.context_column, for this dataset."""
+    answer_column: str | None = None
+    """As data.answer_column, for this dataset."""
+    target_column: str | None = None
+    """As data.target_column (completion), for this dataset."""
+
+
 @dataclass
 class DataConfig:
     dataset_name: str | None = None
@@ -139,6 +186,15 @@ class DataConfig:
     """With bad_rows=drop, the largest share of a split that may be dropped before it is an error (0.05 = 5 %)."""
     preprocessing_num_workers: int | None = None
     """Processes for datasets.map."""
+    sources: list[SourceConfig] | None = None
+    """A weighted mixture instead of one dataset: [{dataset_name | train_file, split, weight, column keys}, ...],
+    interleaved with the recipe seed (see README "Mixtures and eval sets")."""
+    mixture_stopping: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
+    """data.sources: first_exhausted ends the mixture when a source runs out (no row repeated) | all_exhausted
+    goes on until every row of every source was used (rows of the others repeat)."""
+    eval_sets: dict[str, SourceConfig] | None = None
+    """Named evaluation sets {name: {dataset_name | validation_file, split, column keys, max_eval_samples}},
+    evaluated instead of the validation split; the first is the primary one (plain metric keys)."""
 
 
 @dataclass
@@ -179,7 +235,8 @@ class TrainConfig:
     """Keep at most this many checkpoints (the oldest are deleted first; the best one is always kept)."""
     metric_for_best_model: str | None = None
     """Score that picks the best periodic evaluation (default: the task's headline, e.g. rougeL; perplexity for
-    generation); any key of the eval lines, e.g. eval_loss."""
+    generation); any key of the eval lines, e.g. eval_loss; with data.eval_sets "<set>/<metric>" (plain: the first
+    set's)."""
     greater_is_better: bool | None = None
     """Whether a larger metric_for_best_model is better (default: from the metric: losses and perplexity lower)."""
     load_best_model_at_end: bool | None = None
@@ -312,6 +369,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return _build(tp, value, key + ".")
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -386,7 +448,10 @@ def _apply_override(raw: dict, assignment: str) -> None:
     node = raw
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-        if part not in names:
+        named_entry = isinstance(
+            cls, tuple
+        )  # ("entry", item dataclass): any name, e.g. data.eval_sets.<name>
+        if part not in names and not named_entry:
             where = ".".join(parts[:i])
             raise UserError(
                 f"unknown key '{dotted}'{_nearest(part, names)}" + (f" under '{where}'" if where else "")
@@ -394,9 +459,10 @@ def _apply_override(raw: dict, assignment: str) -> None:
         if i == len(parts) - 1:
             node[part] = value
             break
-        tp = _hints(cls)[part]
+        tp = cls[1] if named_entry else _hints(cls)[part]
+        mappings = [a for a in typing.get_args(tp) if typing.get_origin(a) is dict]
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
-        cls = inner[0]
+        cls = ("entry", typing.get_args(mappings[0])[1]) if mappings else inner[0]
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
@@ -505,13 +571,20 @@ def _check_data(d: DataConfig) -> None:
         _need(value is None or value >= 1, f"data.{name}: must be ≥ 1 or null")
     _need(0 < d.validation_split_percentage < 100, "data.validation_split_percentage: must be in (0, 100)")
     _need(0 <= d.max_bad_rows_share <= 1, "data.max_bad_rows_share: must be in [0, 1] (0.05 = 5 %)")
+    if d.sources is not None or d.eval_sets is not None:
+        from hftoolkit.mixture import check_mixture_config
+
+        check_mixture_config(d)
+        if d.sources is not None:
+            return
     sources = [
         d.dataset_name is not None,
         d.train_file is not None or d.validation_file is not None,
         d.synthetic is not None,
     ]
     _need(
-        sum(sources) == 1,
+        sum(sources) == 1
+        or (d.eval_sets is not None and not any(sources)),  # eval sets alone: hftoolkit eval
         "data: set exactly one of data.dataset_name, data.train_file/validation_file, data.synthetic",
     )
 

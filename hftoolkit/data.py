@@ -118,13 +118,18 @@ def _short(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:200]
 
 
-def load_raw_splits(recipe, output_dir: Path, task) -> tuple[dict, dict]:
+def load_raw_splits(recipe, output_dir: Path, task, with_validation: bool = True) -> tuple[dict, dict]:
     """({"train": Dataset, "validation": Dataset}, {split: {"<reason> <column>": rows dropped}}) per the recipe's
     data section (synthetic / files / Hub): columns checked against the task, and the rows it cannot use dropped
-    from each source split before a validation part is held out (so data.max_bad_rows_share applies to the file)."""
+    from each source split before a validation part is held out (so data.max_bad_rows_share applies to the file).
+    with_validation=False: the training data alone (the run evaluates on data.eval_sets)."""
     from datasets import DatasetDict, load_dataset
 
     d = recipe.data
+    if d.sources is not None or d.eval_sets is not None:  # several datasets: hftoolkit.mixture
+        from hftoolkit.mixture import load_splits
+
+        return load_splits(recipe, output_dir, task)
     if d.synthetic is not None:
         from hftoolkit import synthetic
 
@@ -151,6 +156,7 @@ def load_raw_splits(recipe, output_dir: Path, task) -> tuple[dict, dict]:
     eval_name = next(
         (n for n in (d.validation_split, "validation", "valid", "dev", "test") if n in raw), None
     )
+    eval_name = eval_name if with_validation else None
     if train_name is None and eval_name is None:
         raise UserError(f"data.train_split: split '{d.train_split}' not found (splits: {', '.join(names)})")
     sources, bad_rows = {"train": train_name, "validation": eval_name}, {}
@@ -161,6 +167,8 @@ def load_raw_splits(recipe, output_dir: Path, task) -> tuple[dict, dict]:
     splits = {}
     if train_name is not None and eval_name is not None:
         splits = {"train": raw[train_name], "validation": raw[eval_name]}
+    elif train_name is not None and not with_validation:
+        splits = {"train": raw[train_name]}
     elif train_name is not None:
         splits = _hold_out_validation(raw[train_name], d.validation_split_percentage, recipe.seed)
     else:  # only an eval split (e.g. `hftoolkit eval` with validation_file alone)

@@ -24,7 +24,14 @@ DIM, BOLD, RESET = "\033[2m", "\033[1m", "\033[0m"
 def config_diff(recipe: Recipe) -> list[tuple[str, object, object]]:
     """(key, default, value) for every key the recipe sets away from the defaults."""
     now, default = flatten(to_dict(recipe)), flatten(to_dict(Recipe()))
-    return [(k, default.get(k), v) for k, v in now.items() if default.get(k) != v]
+    return [(k, default.get(k), _set_keys(v)) for k, v in now.items() if default.get(k) != v]
+
+
+def _set_keys(value):
+    """A list of mappings (data.sources) with only the keys each entry sets."""
+    if isinstance(value, list):
+        return [{k: v for k, v in x.items() if v is not None} if isinstance(x, dict) else x for x in value]
+    return value
 
 
 def render_example(tokenizer, example: dict, color: bool) -> str:
@@ -101,6 +108,7 @@ def plan(
         print(f"  --- example {i} ({len(train_ds[i]['input_ids'])} tokens)")
         print("  " + render_example(tokenizer, train_ds[i], color).replace("\n", "\n  "))
     _print_lengths(task, stats, len(train_raw), data_cfg.max_seq_len)
+    _print_sources(recipe, splits)
     for split, counts in bad_rows.items():
         shown = ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "none"
         print(f"  {split} rows dropped as unusable (data.bad_rows={data_cfg.bad_rows}): {shown}")
@@ -135,6 +143,24 @@ def _print_lengths(task, stats, rows: int, max_seq_len: int) -> None:
         f"  sources truncated: {stats.source_truncated}, targets truncated: {stats.target_truncated}, "
         f"dropped: {stats.dropped} of {stats.examples}"
     )
+
+
+def _print_sources(recipe: Recipe, splits: dict) -> None:
+    """data.sources: rows per source and the mixture's realised shares; data.eval_sets: rows per set."""
+    from hftoolkit.mixture import mixture_shares
+
+    shares = mixture_shares(recipe, splits["train"]) if "train" in splits else []
+    if shares:
+        print(
+            f"\nmixture ({len(splits['train'])} rows, data.mixture_stopping={recipe.data.mixture_stopping}):"
+        )
+    for s in shares:
+        print(
+            f"  {s['source']}: {s['rows']} of {s['rows_offered']} rows, share {s['share']:.1%} "
+            f"(weight {s['weight']:g} → {s['target_share']:.1%})"
+        )
+    for name in recipe.data.eval_sets or {}:
+        print(f"  eval set {name}: {len(splits[f'validation/{name}'])} rows")
 
 
 def _print_steps(recipe: Recipe, lengths: list[int]) -> tuple[int, float]:

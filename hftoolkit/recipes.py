@@ -33,7 +33,8 @@ def list_recipes() -> list[dict]:
         dataset = (
             data.get("dataset_name")
             or data.get("train_file")
-            or ("synthetic" if data.get("synthetic") else "-")
+            or ("synthetic" if data.get("synthetic") else None)
+            or (f"mixture of {len(data['sources'])}" if data.get("sources") else "-")
         )
         if data.get("dataset_config_name"):
             dataset += f" ({data['dataset_config_name']})"

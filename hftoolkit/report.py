@@ -119,6 +119,7 @@ def headline_metrics(run: RunRecord) -> list[str]:
         n
         for n in names
         if n not in _NOT_METRICS
+        and "/" not in n  # data.eval_sets' "<set>/<metric>" keys: the plots show the primary set (plain keys)
         and not n.endswith(("_runtime", "_per_second"))
         and any(is_number(e.get(n)) for e in run.evals)
     ]
@@ -208,7 +209,9 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
     model = config.get("model") or {}
     data = config.get("data") or {}
     train = config.get("train") or {}
-    if data.get("dataset_name"):
+    if data.get("sources"):
+        source = "mixture of " + ", ".join(describe_source(s) for s in data["sources"])
+    elif data.get("dataset_name"):
         source = f"`{data['dataset_name']}`" + (
             f" ({data['dataset_config_name']})" if data.get("dataset_config_name") else ""
         )
@@ -234,6 +237,30 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
         f"- data: {source}; max_seq_len {data.get('max_seq_len', '-')}, packing {data.get('packing', '-')}",
         f"- hyperparameters: {hyper or '-'}",
     ]
+
+
+def describe_source(source: dict) -> str:
+    """A data.sources entry of config.yaml in a few words: `id` (config) × weight."""
+    name = source.get("dataset_name") or Path(str(source.get("train_file") or "-")).name
+    config = f" ({source['dataset_config_name']})" if source.get("dataset_config_name") else ""
+    return f"`{name}`{config} × {source.get('weight', 1)}"
+
+
+def eval_set_tables(results: dict, lower: tuple[str, ...] = LOSS_METRICS) -> list[str]:
+    """One scores table per data.eval_sets entry (results.json → eval_sets), each under its name and dataset."""
+    lines: list[str] = []
+    for name, scores in (results.get("eval_sets") or {}).items():
+        ds = scores.get("dataset") or {}
+        lines += [
+            f"### {name}",
+            "",
+            f"`{ds.get('name', '-')}` (config {ds.get('config') or '-'}, split {ds.get('split') or '-'}, "
+            f"{ds.get('num_examples', '-')} examples)",
+            "",
+            *results_table(scores.get("baseline") or {}, scores.get("final") or {}, lower),
+            "",
+        ]
+    return lines
 
 
 def _prediction_block(row: dict[str, Any]) -> list[str]:
@@ -272,6 +299,14 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                 f"{dataset.get('split', '-')}, {dataset.get('num_examples', '-')} examples). Scores are 0-100.",
                 "",
             ]
+        if sets := eval_set_tables(run.results, lower_is_better(run.task)):
+            lines += [
+                "## Eval sets",
+                "",
+                "data.eval_sets, each scored alone; the scores above are the first's.",
+                "",
+            ]
+            lines += sets
 
     scored = [row for row in run.predictions if is_number(row.get("score"))]
     if scored:

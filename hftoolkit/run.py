@@ -43,6 +43,16 @@ logger = logging.getLogger("hftoolkit")
 
 
 @dataclass
+class EvalSet:
+    """One of data.eval_sets, ready to score (the first one shares the run's own eval loaders)."""
+
+    eval_loader: object
+    gen_set: object = None
+    gen_loaders: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # results.json → eval_sets.<name>.dataset
+
+
+@dataclass
 class Run:
     """One run's state, built by prepare_run and used by the loop."""
 
@@ -69,6 +79,7 @@ class Run:
     context: int | None = None  # the model's context length (None: unbounded)
     packing: bool = True  # data.packing, unless the model cannot keep packed examples apart
     targets_only: bool = False  # speed_up enabled the targets-only LM head (see token_losses)
+    eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # data.eval_sets, in recipe order
 
     @property
     def out(self) -> Path:
@@ -77,20 +88,35 @@ class Run:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int, final: bool, subset: bool) -> dict:
         """Eval loss/perplexity and, for generating tasks, generate + score; logged to metrics.jsonl.
-        `final` also writes predictions.jsonl; `subset` uses eval.max_eval_samples_during_training prompts."""
+        `final` also writes predictions.jsonl; `subset` uses eval.max_eval_samples_during_training prompts.
+
+        With data.eval_sets every set is scored: each under "<name>/<metric>" keys (trackers: eval/<name>/<metric>),
+        and the first (primary) set also under the plain keys, which selection, the plots and results.json's
+        baseline/final read; predictions.jsonl holds the primary set's predictions."""
+        acc = self.accelerator
+        scores = self.score_set(self.eval_loader, self.gen_set, self.gen_loaders, subset, final)
+        for i, (name, s) in enumerate(self.eval_sets.items()):
+            own = scores if i == 0 else self.score_set(s.eval_loader, s.gen_set, s.gen_loaders, subset, False)
+            scores = {**scores, **{f"{name}/{k}": v for k, v in own.items() if "/" not in k}}
+        if acc.is_main_process:
+            rundir.append_metrics(self.out, {"kind": "eval", "step": step, **scores})
+            acc.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:g}" for k, v in scores.items()))
+        acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
+        return scores
+
+    def score_set(self, eval_loader, gen_set, gen_loaders, subset: bool, write_predictions: bool) -> dict:
+        """One eval set's scores (rounded): its eval loss, and its generations scored for generating tasks."""
         acc = self.accelerator
         scores = (
-            evaluate_loss(acc, self.model, self.eval_loader, self.targets_only)
-            if self.eval_loader is not None
-            else {}
+            evaluate_loss(acc, self.model, eval_loader, self.targets_only) if eval_loader is not None else {}
         )
         if self.task.generates:
-            loader = self.gen_loaders["subset" if subset and "subset" in self.gen_loaders else "full"]
+            loader = gen_loaders["subset" if subset and "subset" in gen_loaders else "full"]
             preds = generate_predictions(
-                acc, self.model, self.tokenizer, self.task, self.gen_set, loader, self.decoding
+                acc, self.model, self.tokenizer, self.task, gen_set, loader, self.decoding
             )
             texts = [p["prediction"] for p in preds]
-            refs = [self.gen_set.references[p["index"]] for p in preds]
+            refs = [gen_set.references[p["index"]] for p in preds]
             data_cfg = self.recipe.data
             names = self.recipe.eval.metrics or list(self.task.default_metrics(data_cfg))
             task_scores, self.metric_config = compute_scores(names, texts, refs)
@@ -98,14 +124,9 @@ class Run:
             scores.update(self.task.extra_scores(texts, refs, data_cfg))
             # How many completions ended by themselves (EOS or stop string) rather than at max_new_tokens.
             scores["stopped_pct"] = 100.0 * sum(p["stopped"] for p in preds) / max(len(preds), 1)
-            if final and acc.is_main_process:
+            if write_predictions and acc.is_main_process:
                 self.write_predictions(preds, self.task.score_examples(texts, refs))
-        scores = {k: round(float(v), 4) for k, v in scores.items()}
-        if acc.is_main_process:
-            rundir.append_metrics(self.out, {"kind": "eval", "step": step, **scores})
-            acc.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:g}" for k, v in scores.items()))
-        acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
-        return scores
+        return {k: round(float(v), 4) for k, v in scores.items()}
 
     def write_predictions(self, preds: list[dict], per_example: list) -> None:
         rows = [
@@ -123,8 +144,10 @@ class Run:
     # ------------------------------------------------------------------ files
     def write_results(self, results: dict) -> dict:
         """results.json: the given sections plus what they were computed with."""
+        sets = self.eval_set_results(results)  # takes the per-set keys out of baseline and final
         results = {
             **results,
+            **sets,
             **({"extended": self.extended} if self.extended else {}),
             **({"elastic": self.elastic} if self.elastic else {}),
             "metric_config": self.metric_config,
@@ -134,6 +157,22 @@ class Run:
         if self.accelerator.is_main_process:
             rundir.write_results(self.out, results)
         return results
+
+    def eval_set_results(self, results: dict) -> dict:
+        """{"eval_sets": {name: {"dataset", "baseline", "final"}}} from the "<name>/<metric>" keys of `results`'
+        baseline and final, which are left with the primary set's plain keys; {} without data.eval_sets."""
+        if not self.eval_sets:
+            return {}
+        sets = {name: {"dataset": s.info} for name, s in self.eval_sets.items()}
+        for section in ("baseline", "final"):
+            if not results.get(section):
+                continue
+            for key, value in list(results[section].items()):
+                name, _, metric = key.rpartition("/")
+                if name in sets:
+                    sets[name].setdefault(section, {})[metric] = value
+            results[section] = {k: v for k, v in results[section].items() if "/" not in k}
+        return {"eval_sets": sets}
 
     def model_info(self) -> rundir.ModelInfo:
         template = self.task.template(self.recipe.data)
@@ -215,9 +254,10 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
     run.model, run.packing, run.targets_only = prepare_model(model, recipe, acc)
     build_train_loaders(run, splits)
     for split, counts in bad_rows.items():  # results.json says what was left out, and why
-        run.data_stats.setdefault("eval" if split == "validation" else split, {})["bad_rows"] = counts
+        run.data_stats.setdefault(split.replace("validation", "eval", 1), {})["bad_rows"] = counts
     if task.generates:
-        build_generation_eval(run, splits["validation"])
+        build_generation_eval(run, splits["validation"], eval_set_rows(splits))
+    build_eval_sets(run, splits)
     if resume_from is not None:
         ckpt.check_resume_compatible(run, resume_from)
     return run
@@ -389,29 +429,72 @@ def build_train_loaders(run: Run, splits: dict) -> None:
     )
     t = recipe.train
     run.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * run.steps_per_epoch)
+    if data_cfg.sources is not None:  # results.json → data.mixture: what each source gave
+        from hftoolkit.mixture import mixture_shares
+
+        run.data_stats["mixture"] = mixture_shares(recipe, splits["train"])
 
 
-def build_generation_eval(run: Run, eval_raw) -> None:
-    """Decoding settings, the encoded eval prompts and their batches (full set, and the periodic subset)."""
+def build_generation_eval(run: Run, eval_raw, reference_rows: list[dict] | None = None) -> None:
+    """Decoding settings, the encoded eval prompts and their batches (full set, and the periodic subset).
+    `reference_rows`: the rows whose references size the default max_new_tokens (default: eval_raw's)."""
     e, data_cfg, task, tok = run.recipe.eval, run.recipe.data, run.task, run.tokenizer
     rows = eval_raw.to_list()  # load_splits dropped the rows without a reference: none is scored against ""
-    refs = [task.references(r, data_cfg) for r in rows]
+    refs = [task.references(r, data_cfg) for r in (rows if reference_rows is None else reference_rows)]
     max_new = e.max_new_tokens or default_max_new_tokens(tok, refs)
     stops = tuple(e.stop_strings if e.stop_strings is not None else task.stop_strings)
     run.decoding = Decoding(max_new, e.num_beams, e.do_sample, e.temperature, e.top_p, stops)
+    run.gen_set, run.gen_loaders = generation_state(run, rows)
+
+
+def generation_state(run: Run, rows: list[dict]):
+    """(encoded eval prompts, their batches: the full set and the periodic subset) under run.decoding."""
+    e, data_cfg, task, tok = run.recipe.eval, run.recipe.data, run.task, run.tokenizer
+    max_new = run.decoding.max_new_tokens
     ctx = run.context
     budget = min(data_cfg.max_seq_len, (ctx or 1 << 30) - max_new)
     if budget < 8:
         raise UserError(
             f"eval.max_new_tokens: {max_new} leaves no room for the prompt in a {ctx}-token context"
         )
-    run.gen_set = build_generation_set(task, tok, rows, data_cfg, budget)
+    gen_set = build_generation_set(task, tok, rows, data_cfg, budget)
     sizes = generation_batch_sizes(e, budget, max_new)
-    run.gen_loaders["full"] = build_generation_loader(run.accelerator, run.gen_set, **sizes)
+    loaders = {"full": build_generation_loader(run.accelerator, gen_set, **sizes)}
     if e.max_eval_samples_during_training:
-        run.gen_loaders["subset"] = build_generation_loader(
-            run.accelerator, run.gen_set, **sizes, limit=e.max_eval_samples_during_training
+        loaders["subset"] = build_generation_loader(
+            run.accelerator, gen_set, **sizes, limit=e.max_eval_samples_during_training
         )
+    return gen_set, loaders
+
+
+def eval_set_rows(splits: dict) -> list[dict] | None:
+    """Every eval set's rows (data.eval_sets), so the default max_new_tokens fits the longest references of all."""
+    names = [k for k in splits if k.startswith("validation/")]
+    return [row for k in names for row in splits[k].to_list()] if names else None
+
+
+def build_eval_sets(run: Run, splits: dict) -> None:
+    """run.eval_sets from data.eval_sets: each set tokenized, batched and its prompts encoded as the validation
+    split is (the first set is that split: it shares the run's loaders)."""
+    from hftoolkit.mixture import eval_set_info
+
+    recipe, acc, data_cfg = run.recipe, run.accelerator, run.recipe.data
+    for i, (name, spec) in enumerate((data_cfg.eval_sets or {}).items()):
+        raw = splits[f"validation/{name}"]
+        info = eval_set_info(spec, raw)
+        if i == 0:
+            run.eval_dataset_info = info
+            run.eval_sets[name] = EvalSet(run.eval_loader, run.gen_set, run.gen_loaders, info)
+            continue
+        with acc.main_process_first():
+            ds, stats = tokenize_split(
+                run.task, run.tokenizer, raw, data_cfg, data_cfg.max_seq_len, run.packing
+            )
+        run.data_stats[f"eval/{name}"] = stats.as_dict()
+        batch = recipe.eval.per_device_eval_batch_size
+        loader = acc.prepare_data_loader(build_eval_loader(ds, batch, run.tokenizer.pad_token_id))
+        gen_set, gen_loaders = generation_state(run, raw.to_list()) if run.task.generates else (None, {})
+        run.eval_sets[name] = EvalSet(loader, gen_set, gen_loaders, info)
 
 
 def check_metrics(names: list[str]) -> None:

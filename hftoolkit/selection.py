@@ -1,7 +1,7 @@
 """Which step to publish: the best periodic evaluation by the task's metric, and early stopping.
 
 Keys (TrainingArguments' names): train.metric_for_best_model (default: the task's headline metric, e.g. rougeL;
-perplexity for generation), train.greater_is_better (default: from the metric), train.load_best_model_at_end
+perplexity for generation; with data.eval_sets the plain name is the first set's, "<set>/<metric>" another's), train.greater_is_better (default: from the metric), train.load_best_model_at_end
 (default: on whenever train.eval_steps is set), train.early_stopping_patience / early_stopping_threshold.
 
 Candidates are the periodic evaluations (on eval.max_eval_samples_during_training prompts when set), the last step
@@ -37,8 +37,10 @@ def selection_for(recipe, task) -> Selection | None:
     t = recipe.train
     if not t.eval_steps:
         return None
-    metric = t.metric_for_best_model or task.headline_metric(recipe.data)
-    greater = t.greater_is_better if t.greater_is_better is not None else metric not in task.lower_is_better
+    # "<set>/<metric>" picks by one of data.eval_sets; the trackers' "eval/" prefix is accepted too.
+    metric = (t.metric_for_best_model or task.headline_metric(recipe.data)).removeprefix("eval/")
+    lower = metric.rpartition("/")[2] in task.lower_is_better
+    greater = t.greater_is_better if t.greater_is_better is not None else not lower
     load_best = t.load_best_model_at_end if t.load_best_model_at_end is not None else True
     return Selection(metric, greater, load_best, t.early_stopping_patience, t.early_stopping_threshold)
 

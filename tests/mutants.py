@@ -70,6 +70,8 @@ EMPTY_FILE = f"{E2E}::test_empty_train_file_says_the_split_is_empty"
 RESOLVED_CONFIG = "tests/test_tasks.py::test_config_yaml_is_the_resolved_recipe"
 COMPLETION_MASK = "tests/test_completion.py::test_only_the_prompt_is_masked_and_eos_keeps_its_label"
 OUT_OF_SET = "tests/test_completion.py::test_labels_score_out_of_set_predictions_as_wrong"
+MIX_SHARES = "tests/test_mixture.py::test_weights_3_to_1_realise_75_25_in_the_same_order_on_reload"
+MIX_COLUMNS = "tests/test_mixture.py::test_each_source_reaches_the_task_fields_through_its_own_columns"
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,15 @@ MUTANTS = [
     M("completion-out-of-set-not-counted", "hftoolkit/tasks/completion.py",
       '"out_of_label_set": float(sum(p not in labels for p in predictions)),', '"out_of_label_set": 0.0,',
       (OUT_OF_SET,)),
+    # -- mixtures: the weights are the shares, each source's columns reach the task's fields
+    M("mixture-weights-ignored", "hftoolkit/mixture.py",
+      "parts, probabilities=[w / total for w in weights], seed=seed, stopping_strategy=stopping",
+      "parts, probabilities=[1 / len(weights) for w in weights], seed=seed, stopping_strategy=stopping",
+      (MIX_SHARES,)),
+    M("mixture-source-columns-swapped", "hftoolkit/mixture.py",
+      "ds = ds.rename_columns({a: b for a, b in zip(own, canonical, strict=True) if a != b})",
+      "ds = ds.rename_columns({a: b for a, b in zip(own, canonical[::-1], strict=True) if a != b})",
+      (MIX_COLUMNS,)),
 ]  # fmt: skip
 
 # A failure that says the copy could not be imported or compiled is not a kill: the test never ran the mutant.

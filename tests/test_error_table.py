@@ -18,6 +18,7 @@ from tests.conftest import REPO_ROOT, tiny_overrides
 
 QA = "recipes/quickstart/qa.yaml"
 TR = "recipes/quickstart/translation.yaml"
+SUM = "recipes/quickstart/summarization.yaml"
 PLACEHOLDERS = ("FILE", "PATH", "L", "C", "N", "M", "P")
 
 
@@ -323,6 +324,49 @@ def case_nan_loss(tmp_path, cli, monkeypatch):
     return lines
 
 
+def mixture_files(tmp_path: Path) -> tuple[Path, Path]:
+    """Two summarization sources: a in the Hub layout (document/summary), b in its own (body/tldr)."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(
+        "".join(json.dumps({"document": f"doc {i} .", "summary": f"s{i}"}) + "\n" for i in range(20))
+    )
+    b.write_text("".join(json.dumps({"body": f"body {i} .", "tldr": f"t{i}"}) + "\n" for i in range(20)))
+    return a, b
+
+
+def mixture_overrides(tmp_path: Path, second: str) -> list[str]:
+    a, b = mixture_files(tmp_path)
+    sources = f"data.sources=[{{train_file: {a}}}, {{train_file: {b}{second}}}]"
+    return [*tiny_overrides(tmp_path / "o"), "data.synthetic=null", sources]
+
+
+def case_mixture_unknown_column(tmp_path, cli, monkeypatch):
+    overrides = mixture_overrides(tmp_path, ", text_column: x, summary_column: tldr")
+    return error_lines(cli("train", SUM, *overrides))
+
+
+def case_mixture_weight(tmp_path, cli, monkeypatch):
+    negative = error_lines(cli("plan", SUM, *mixture_overrides(tmp_path, ", weight: -1")))
+    return negative + error_lines(cli("plan", SUM, *mixture_overrides(tmp_path, ", weight: heavy")))
+
+
+def case_mixture_task_mismatch(tmp_path, cli, monkeypatch):
+    overrides = mixture_overrides(tmp_path, "")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"document": "A dog runs .", "gist": "dog"}) + "\n")
+    return error_lines(cli("train", SUM, *overrides))
+
+
+def case_mixture_with_train_file(tmp_path, cli, monkeypatch):
+    overrides = mixture_overrides(tmp_path, "")
+    return error_lines(cli("plan", SUM, *overrides, f"data.train_file={tmp_path / 'a.jsonl'}"))
+
+
+def case_eval_sets_with_validation_file(tmp_path, cli, monkeypatch):
+    a, _ = mixture_files(tmp_path)
+    sets = f"data.eval_sets={{x: {{validation_file: {a}}}}}"
+    return error_lines(cli("plan", SUM, *tiny_overrides(tmp_path / "o"), sets, f"data.validation_file={a}"))
+
+
 CASES = {
     "malformed YAML": case_malformed_yaml,
     "recipe not a mapping": case_not_a_mapping,
@@ -345,6 +389,11 @@ CASES = {
     "another run is writing into output_dir": case_output_dir_in_use,
     "resume to fewer steps than the checkpoint has": case_fewer_steps,
     "no validation data and too few rows to hold some out": case_too_few_rows,
+    "mixture source naming a column it lacks": case_mixture_unknown_column,
+    "mixture weight ≤ 0 or not a number": case_mixture_weight,
+    "mixture source whose columns do not fit the task": case_mixture_task_mismatch,
+    "`data.sources` next to `data.train_file` / `dataset_name` / `synthetic`": case_mixture_with_train_file,
+    "`data.eval_sets` next to `data.validation_file`": case_eval_sets_with_validation_file,
     "translation language absent": case_language_absent,
     "model path missing": case_model_path_missing,
     "tokenizer without EOS": case_tokenizer_without_eos,

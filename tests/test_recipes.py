@@ -20,9 +20,14 @@ def test_recipe_loads_and_says_how_to_run(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# Run") and "hftoolkit" in first
     real = "quickstart" not in path.parts
+    sources = recipe.data.sources or []
     if real:  # real recipes keep real Hub ids and say what to expect
-        assert recipe.model.name_or_path and recipe.model.init is None and recipe.data.dataset_name
+        hub_ids = [s.dataset_name for s in sources] if sources else [recipe.data.dataset_name]
+        assert recipe.model.name_or_path and recipe.model.init is None and all(hub_ids)
         assert "Expected" in path.read_text()
+    elif sources:  # an offline mixture: files shipped next to the recipe
+        assert all((ROOT / s.train_file).is_file() for s in sources)
+        assert all((ROOT / s.validation_file).is_file() for s in (recipe.data.eval_sets or {}).values())
     else:
         assert recipe.data.synthetic is not None  # runs offline
 

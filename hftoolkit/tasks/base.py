@@ -104,6 +104,8 @@ class Task(Protocol):
 
     def row_problem(self, row: dict[str, Any], data_cfg) -> str | None: ...
 
+    def align_layout(self, ds, source_cfg, data_cfg): ...
+
     def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]: ...
 
     def languages(self, data: dict[str, Any]) -> list[str] | None: ...
@@ -160,6 +162,12 @@ class BaseTask:
             if source and not self.fields(row, data_cfg).get(source, "").strip():
                 return "empty source"
         return None
+
+    def align_layout(self, ds, source_cfg, data_cfg):
+        """A dataset whose columns were renamed to the recipe's (hftoolkit.mixture), with its values in the layout
+        that `data_cfg` reads and one schema across datasets; `source_cfg` is how the dataset's own rows are read.
+        Plain columns need nothing; dict layouts (translation pairs, SQuAD answers) override this."""
+        return ds
 
     def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]:
         """A 0-100 score per example for predictions.jsonl (the report's best/worst listings); None: no score."""

@@ -40,6 +40,11 @@ class QATask(BaseTask):
     def target(self, row, data_cfg) -> str:
         return " ".join(self.references(row, data_cfg)[0].split())
 
+    def align_layout(self, ds, source_cfg, data_cfg):
+        """Answers as a list of strings: SQuAD's {"text", "answer_start"} and plain strings mix."""
+        _, _, answers = self.columns(data_cfg)
+        return ds.map(lambda value: {answers: as_references(value)}, input_columns=answers, desc="answers")
+
     def score_examples(self, predictions, references):
         from hftoolkit.metrics import squad_f1_per_example
 

@@ -95,6 +95,15 @@ class TranslationTask(BaseTask):
     def target(self, row, data_cfg) -> str:
         return self.references(row, data_cfg)[0]
 
+    def align_layout(self, ds, source_cfg, data_cfg):
+        """Pairs keyed by the recipe's language codes, holding those two languages only (a source may name them
+        otherwise, e.g. eng/deu, or carry more languages)."""
+        name, src, tgt = data_cfg.translation_column, source_cfg.source_lang, source_cfg.target_lang
+        to_src, to_tgt = data_cfg.source_lang, data_cfg.target_lang
+        return ds.map(
+            lambda pair: {name: {to_src: pair[src], to_tgt: pair[tgt]}}, input_columns=name, desc="languages"
+        )
+
     def score_examples(self, predictions, references):
         from hftoolkit.metrics import bleu_per_example
 
