@@ -47,20 +47,13 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     final = {k: v for k, v in run.final().items() if is_number(v)}
     dataset = _eval_dataset(run.results or {}, data_cfg)
 
-    eval_results = [
-        EvalResult(
-            task_type=task_type,
-            task_name=task_pretty,
-            dataset_type=dataset["name"],
-            dataset_name=dataset["name"] + (f" ({dataset['config']})" if dataset.get("config") else ""),
-            dataset_config=dataset.get("config"),
-            dataset_split=dataset.get("split"),
-            metric_type=name,
-            metric_name=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in final.items()
-    ]
+    final_entry = {
+        "dataset": {"name": dataset["name"], "type": dataset["name"], "config": dataset.get("config"),
+                    "split": dataset.get("split")},
+        "task": {"type": task_type, "name": task_pretty},
+        "metrics": final,
+    }  # fmt: skip
+    eval_results = model_index_entries([final_entry, *suite_entries(run.results or {})])
     base_model = hub_id(model_cfg.get("name_or_path")) if not model_cfg.get("init") else None
     dataset_id = hub_id(data_cfg.get("dataset_name"))
     tags = ["hftoolkit", info.task, str(model_config.get("model_type") or "gpt2"), "text-generation"]
@@ -77,6 +70,68 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     )
     body = _card_body(run, model_name, repo_id, base_model, info, model_config, dataset)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def model_index_entries(entries: list[dict]) -> list[EvalResult]:
+    """model-index results from evaluation entries, one per (dataset, metric): the run's final evaluation,
+    evaluation suites, named eval sets. Each entry:
+    {"dataset": {"name", "type", "config", "split"}, "task": {"type", "name"}, "metrics": {score: value},
+     "metric_config": {score: {settings...}} (optional: the settings the score was computed with)}."""
+    results = []
+    for entry in entries:
+        ds, task = entry["dataset"], entry["task"]
+        configs = entry.get("metric_config") or {}
+        for name, value in entry["metrics"].items():
+            if not is_number(value):
+                continue
+            results.append(
+                EvalResult(
+                    task_type=task["type"],
+                    task_name=task["name"],
+                    dataset_type=str(ds.get("type") or ds["name"]),
+                    dataset_name=str(ds["name"]) + (f" ({ds['config']})" if ds.get("config") else ""),
+                    dataset_config=ds.get("config"),
+                    dataset_split=ds.get("split"),
+                    metric_type=name,
+                    metric_name=name,
+                    metric_value=round(float(value), 4),
+                    metric_args=configs.get(name) or None,
+                )
+            )
+    return results
+
+
+def suite_entries(results: dict) -> list[dict]:
+    """results.json's `suites` as model_index_entries input: each suite's scored metrics (the ones its report
+    names, else all but stopped_pct), with the metric module's settings (e.g. sacreBLEU's signature)."""
+    entries = []
+    for name, suite in sorted((results.get("suites") or {}).items()):
+        task = TASKS.get(suite.get("task"))
+        task_type, task_pretty = task.hub_task if task else ("text-generation", str(suite.get("task")))
+        ds = suite.get("dataset") or {}
+        wanted = suite.get("report") or [k for k in suite.get("metrics", {}) if k != "stopped_pct"]
+        metrics = {k: v for k, v in (suite.get("metrics") or {}).items() if k in wanted}
+        modules = suite.get("metric_config") or {}
+        entries.append({
+            "dataset": {"name": ds.get("name") or name, "type": ds.get("name") or name,
+                        "config": ds.get("config"), "split": ds.get("split")},
+            "task": {"type": task_type, "name": task_pretty},
+            "metrics": metrics,
+            "metric_config": {k: _module_settings(k, modules) for k in metrics},
+        })  # fmt: skip
+    return entries
+
+
+def _module_settings(score: str, modules: dict) -> dict | None:
+    """The settings of the metric module that produced `score` (rouge1 → rouge, bleu → sacrebleu, ...)."""
+    if score in modules:
+        return modules[score]
+    owner = {"bleu": "sacrebleu", "chrf": "chrf"}.get(score) or (
+        "rouge" if score.startswith("rouge") else None
+    )
+    if owner is None:
+        owner = next((m for m in ("squad_v2", "squad", "exact_match") if m in modules), None)
+    return modules.get(owner) if owner else None
 
 
 def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_config, dataset) -> str:

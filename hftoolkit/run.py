@@ -30,6 +30,7 @@ from hftoolkit.evaluation import (
     build_generation_set,
     compute_scores,
     default_max_new_tokens,
+    document_stream,
     evaluate_loss,
     generate_predictions,
     generation_batch_sizes,
@@ -69,6 +70,7 @@ class Run:
     context: int | None = None  # the model's context length (None: unbounded)
     packing: bool = True  # data.packing, unless the model cannot keep packed examples apart
     targets_only: bool = False  # speed_up enabled the targets-only LM head (see token_losses)
+    stride_stream: tuple | None = None  # eval.perplexity_stride: (token ids, scored) of the eval split
 
     @property
     def out(self) -> Path:
@@ -81,15 +83,17 @@ class Run:
         acc = self.accelerator
         scores = (
             evaluate_loss(acc, self.model, self.eval_loader, self.targets_only)
-            if self.eval_loader is not None
+            if self.eval_loader is not None and self.stride_stream is None
             else {}
         )
+        if self.stride_stream is not None:
+            scores = self.stride_perplexity()
         if self.task.generates:
             loader = self.gen_loaders["subset" if subset and "subset" in self.gen_loaders else "full"]
             preds = generate_predictions(
                 acc, self.model, self.tokenizer, self.task, self.gen_set, loader, self.decoding
             )
-            texts = [p["prediction"] for p in preds]
+            texts = [self.task.scoring_text(p["prediction"], self.recipe.data) for p in preds]
             refs = [self.gen_set.references[p["index"]] for p in preds]
             data_cfg = self.recipe.data
             names = self.recipe.eval.metrics or list(self.task.default_metrics(data_cfg))
@@ -106,6 +110,17 @@ class Run:
             acc.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:g}" for k, v in scores.items()))
         acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
         return scores
+
+    def stride_perplexity(self) -> dict:
+        """eval.perplexity_stride: sliding windows of data.max_seq_len tokens over the eval split's stream."""
+        from hftoolkit.evaluation import sliding_window_perplexity
+
+        ids, scored = self.stride_stream
+        e = self.recipe.eval
+        window = self.recipe.data.max_seq_len
+        return sliding_window_perplexity(
+            self.accelerator, self.model, ids, scored, window, e.perplexity_stride, e.per_device_eval_batch_size
+        )
 
     def write_predictions(self, preds: list[dict], per_example: list) -> None:
         rows = [
@@ -218,6 +233,8 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         run.data_stats.setdefault("eval" if split == "validation" else split, {})["bad_rows"] = counts
     if task.generates:
         build_generation_eval(run, splits["validation"])
+    if recipe.eval.perplexity_stride:
+        run.stride_stream = document_stream(task, tokenizer, splits["validation"].to_list(), recipe.data)
     if resume_from is not None:
         ckpt.check_resume_compatible(run, resume_from)
     return run

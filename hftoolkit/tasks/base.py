@@ -102,6 +102,8 @@ class Task(Protocol):
 
     def postprocess(self, completion: str, stop_strings) -> str: ...
 
+    def scoring_text(self, prediction: str, data_cfg) -> str: ...
+
     def row_problem(self, row: dict[str, Any], data_cfg) -> str | None: ...
 
     def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]: ...
@@ -160,6 +162,10 @@ class BaseTask:
             if source and not self.fields(row, data_cfg).get(source, "").strip():
                 return "empty source"
         return None
+
+    def scoring_text(self, prediction: str, data_cfg) -> str:
+        """The prediction as the metrics see it (QA maps data.no_answer_text to the empty answer)."""
+        return prediction
 
     def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]:
         """A 0-100 score per example for predictions.jsonl (the report's best/worst listings); None: no score."""
