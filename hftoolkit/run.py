@@ -119,7 +119,13 @@ class Run:
         e = self.recipe.eval
         window = self.recipe.data.max_seq_len
         return sliding_window_perplexity(
-            self.accelerator, self.model, ids, scored, window, e.perplexity_stride, e.per_device_eval_batch_size
+            self.accelerator,
+            self.model,
+            ids,
+            scored,
+            window,
+            e.perplexity_stride,
+            e.per_device_eval_batch_size,
         )
 
     def write_predictions(self, preds: list[dict], per_example: list) -> None:

@@ -323,8 +323,41 @@ def case_nan_loss(tmp_path, cli, monkeypatch):
     return lines
 
 
+def case_perplexity_stride(tmp_path, cli, monkeypatch):
+    generation = "recipes/quickstart/generation.yaml"
+    return error_lines(cli("plan", QA, "eval.perplexity_stride=8")) + error_lines(
+        cli("plan", generation, "eval.perplexity_stride=2048")
+    )
+
+
+def case_unknown_suite(tmp_path, cli, monkeypatch):
+    return error_lines(cli("eval", "--suite", tmp_path / "nope.yaml", "gpt2")) + error_lines(
+        cli("eval", "--suite", "eval/quickstart.yaml", "gpt2")
+    )
+
+
+def suite_model(tmp_path) -> Path:
+    from hftoolkit.modeling import init_model_dir
+
+    return Path(init_model_dir(str(tmp_path / "m"), "tiny", "gpt2", 1024, 0))
+
+
+def case_suite_dataset_unloadable(tmp_path, cli, monkeypatch):
+    model = suite_model(tmp_path)
+    return error_lines(cli("eval", "--suite", "xsum", model, "--limit", "2", "--output-dir", tmp_path / "o"))
+
+
+def case_suite_all_without_task(tmp_path, cli, monkeypatch):
+    model = suite_model(tmp_path)
+    return error_lines(cli("eval", "--suite", "all", model, "--output-dir", tmp_path / "o"))
+
+
 CASES = {
     "malformed YAML": case_malformed_yaml,
+    "perplexity stride out of place": case_perplexity_stride,
+    "suite file or name unknown": case_unknown_suite,
+    "suite dataset cannot be loaded (offline, renamed)": case_suite_dataset_unloadable,
+    "`--suite all` on a model without a task": case_suite_all_without_task,
     "recipe not a mapping": case_not_a_mapping,
     "unknown key": case_unknown_key,
     "wrong type": case_wrong_type,
