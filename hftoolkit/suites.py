@@ -61,7 +61,7 @@ def read_suite(path: str | Path) -> Suite:
     """A suite YAML (a path, or the name of a shipped one, e.g. xsum)."""
     p = Path(path)
     if not p.is_file() and not p.suffix:
-        p = suites_dir() / f"{path}.yaml"
+        p = (suites_dir() / f"{path}.yaml").resolve()  # messages name eval/, not the package's link to it
     if not p.is_file():
         names = ", ".join(s.name for s in list_suites())
         raise UserError(f"--suite: {path}: no such suite file (shipped suites: {names}, or all)")
