@@ -174,7 +174,7 @@ def load_eval_split(suite: Suite, recipe, task, out: Path):
         from hftoolkit.data import _load_files
 
         ds = _load_files(d)
-        ds = ds.get("validation") or ds["train"]
+        ds = ds["validation"] if "validation" in ds else ds["train"]
         return _limited(ds, d.max_eval_samples), {}
     try:
         ds = load_dataset(d.dataset_name, d.dataset_config_name, split=d.validation_split)
