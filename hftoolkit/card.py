@@ -54,7 +54,7 @@ def build_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> 
     model_name = repo_id.split("/")[-1] if repo_id else run.path.name
     dataset = _eval_dataset(run.results or {}, data_cfg)
     entries = model_index_entries(run, {"type": task_type, "name": task_pretty}, dataset)
-    eval_results = to_eval_results(entries)
+    eval_results = to_eval_results([*entries, *suite_entries(run.results or {})])
     base_model = hub_id(model_cfg.get("name_or_path")) if not model_cfg.get("init") else None
     sources = data_cfg.get("sources") or [data_cfg]
     dataset_ids = list(dict.fromkeys(i for s in sources if (i := hub_id(s.get("dataset_name")))))
@@ -82,9 +82,17 @@ def model_index_entries(run, task: dict, dataset: dict) -> list[dict]:
     metric_config = results.get("metric_config") or {}
     sets = results.get("eval_sets") or {}
     if not sets:
-        ref = {"name": dataset["name"] + (f" ({dataset['config']})" if dataset.get("config") else ""),
-               "type": dataset["name"], "config": dataset.get("config"), "split": dataset.get("split")}  # fmt: skip
-        return [{"dataset": ref, "task": task, "metrics": run.final(), "metric_config": metric_config}]
+        ref = {"name": dataset["name"], "type": dataset["name"], "config": dataset.get("config"),
+               "split": dataset.get("split")}  # fmt: skip
+        final = run.final()
+        return [
+            {
+                "dataset": ref,
+                "task": task,
+                "metrics": final,
+                "metric_config": score_settings(final, metric_config),
+            }
+        ]
     entries = []
     for name, scores in sets.items():
         ds = scores.get("dataset") or {}
@@ -96,32 +104,77 @@ def model_index_entries(run, task: dict, dataset: dict) -> list[dict]:
                 "dataset": ref,
                 "task": task,
                 "metrics": scores.get("final") or {},
-                "metric_config": metric_config,
+                "metric_config": score_settings(scores.get("final") or {}, metric_config),
             }
         )
     return entries
 
 
 def to_eval_results(entries: list[dict]) -> list[EvalResult]:
-    """huggingface_hub's EvalResults (the card's model-index) of model_index_entries-shaped entries; a string in an
-    entry's metric_config under a metric's name becomes that metric's `config`."""
-    return [
-        EvalResult(
-            task_type=e["task"]["type"],
-            task_name=e["task"].get("name"),
-            dataset_type=e["dataset"]["type"],
-            dataset_name=e["dataset"]["name"],
-            dataset_config=e["dataset"].get("config"),
-            dataset_split=e["dataset"].get("split"),
-            metric_type=name,
-            metric_name=name,
-            metric_value=round(float(value), 4),
-            metric_config=c if isinstance(c := (e.get("metric_config") or {}).get(name), str) else None,
-        )
-        for e in entries
-        for name, value in e["metrics"].items()
-        if is_number(value)
-    ]
+    """model-index results from evaluation entries, one per (dataset, metric): the run's final evaluation,
+    evaluation suites, named eval sets. Each entry:
+    {"dataset": {"name", "type", "config", "split"}, "task": {"type", "name"}, "metrics": {score: value},
+     "metric_config": {score: {settings...}} (optional: the settings the score was computed with)}."""
+    results = []
+    for entry in entries:
+        ds, task = entry["dataset"], entry["task"]
+        configs = entry.get("metric_config") or {}
+        for name, value in entry["metrics"].items():
+            if not is_number(value):
+                continue
+            results.append(
+                EvalResult(
+                    task_type=task["type"],
+                    task_name=task["name"],
+                    dataset_type=str(ds.get("type") or ds["name"]),
+                    dataset_name=str(ds["name"]) + (f" ({ds['config']})" if ds.get("config") else ""),
+                    dataset_config=ds.get("config"),
+                    dataset_split=ds.get("split"),
+                    metric_type=name,
+                    metric_name=name,
+                    metric_value=round(float(value), 4),
+                    metric_args=configs.get(name) or None,
+                )
+            )
+    return results
+
+
+def suite_entries(results: dict) -> list[dict]:
+    """results.json's `suites` as model_index_entries input: each suite's scored metrics (the ones its report
+    names, else all but stopped_pct), with the metric module's settings (e.g. sacreBLEU's signature)."""
+    entries = []
+    for name, suite in sorted((results.get("suites") or {}).items()):
+        task = TASKS.get(suite.get("task"))
+        task_type, task_pretty = task.hub_task if task else ("text-generation", str(suite.get("task")))
+        ds = suite.get("dataset") or {}
+        wanted = suite.get("report") or [k for k in suite.get("metrics", {}) if k != "stopped_pct"]
+        metrics = {k: v for k, v in (suite.get("metrics") or {}).items() if k in wanted}
+        modules = suite.get("metric_config") or {}
+        entries.append({
+            "dataset": {"name": ds.get("name") or name, "type": ds.get("name") or name,
+                        "config": ds.get("config"), "split": ds.get("split")},
+            "task": {"type": task_type, "name": task_pretty},
+            "metrics": metrics,
+            "metric_config": score_settings(metrics, modules),
+        })  # fmt: skip
+    return entries
+
+
+def score_settings(scores: dict, modules: dict) -> dict:
+    """{score: the settings of the metric module that produced it}, from results.json's metric_config (per module)."""
+    return {k: _module_settings(k, modules) for k in scores}
+
+
+def _module_settings(score: str, modules: dict) -> dict | None:
+    """The settings of the metric module that produced `score` (rouge1 → rouge, bleu → sacrebleu, ...)."""
+    if score in modules:
+        return modules[score]
+    owner = {"bleu": "sacrebleu", "chrf": "chrf"}.get(score) or (
+        "rouge" if score.startswith("rouge") else None
+    )
+    if owner is None:
+        owner = next((m for m in ("squad_v2", "squad", "exact_match") if m in modules), None)
+    return modules.get(owner) if owner else None
 
 
 def _card_body(run, model_name, repo_id, base_model, info: ModelInfo, model_config, dataset) -> str:

@@ -44,10 +44,18 @@ def _add_recipe_commands(sub) -> None:
                        "`accelerate launch [args] -m hftoolkit train RECIPE.yaml`.")  # fmt: skip
     _recipe_args(p)
 
-    p = sub.add_parser("eval", help="score a checkpoint on the recipe's eval data (no training)",
+    p = sub.add_parser("eval", help="score a checkpoint on the recipe's eval data, or on evaluation suites",
                        description="Score model.name_or_path on the recipe's eval data without training; writes "
-                       "results.json {'final': ...} and predictions.jsonl into output_dir.")  # fmt: skip
+                       "results.json {'final': ...} and predictions.jsonl into output_dir. With --suite, the first "
+                       "argument is MODEL_OR_RUN_DIR and the benchmark of eval/SUITE.yaml is scored (see "
+                       "eval/README.md); results go to results.json's 'suites'.")  # fmt: skip
     _recipe_args(p)
+    p.add_argument("--suite", metavar="SUITE",
+                   help="an evaluation suite: eval/NAME.yaml, a shipped name (xsum, wmt16_ro_en, ...), or all "
+                   "(every suite of the model's task); RECIPE is then a model folder, Hub id or run directory")  # fmt: skip
+    p.add_argument("--limit", type=int, metavar="N", help="--suite: score only the first N examples")
+    p.add_argument("--output-dir", help="--suite: where results.json goes (default: the run directory given, "
+                   "else runs/suites/MODEL)")  # fmt: skip
 
     p = sub.add_parser("plan", help="dry run: resolved config, masked examples, lengths, estimates",
                        description="Show what a recipe would train on, without training.")  # fmt: skip
@@ -152,6 +160,13 @@ def _add_merge_quickstart(sub) -> None:
 
 # Long on purpose: one short branch per subcommand, each importing only what that command needs.
 def dispatch(args) -> int:
+    if args.command == "eval" and args.suite:
+        from hftoolkit.suites import run_suites
+
+        if args.limit is not None and args.limit < 1:
+            raise UserError(f"--limit: must be ≥ 1, got {args.limit}")
+        run_suites(args.suite, args.recipe, args.limit, args.overrides, args.output_dir)
+        return 0
     if args.command in ("train", "eval", "plan"):
         from hftoolkit.config import load_recipe
         from hftoolkit.recipes import resolve_recipe_path
@@ -224,7 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("HFTOOLKIT_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`eval --suite S MODEL --limit 5 data.x=y`): argparse stops the
+    # positional list at the option and leaves the rest over.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return dispatch(args)
     except UserError as e:

@@ -168,6 +168,9 @@ class DataConfig:
     """qa context column."""
     answer_column: str | None = None
     """qa answers: SQuAD layout {"text": [...], "answer_start": [...]} or a plain string."""
+    no_answer_text: str | None = None
+    """qa: the answer the model learns to write for an unanswerable question (empty answers, SQuAD v2), e.g.
+    "unanswerable"; scored as the empty answer by squad_v2 (the default metric then). null: such rows are unusable."""
     prompt_template: str | None = None
     """Prompt template overriding the task default, with {field} placeholders (see `hftoolkit plan`); for
     completion, any columns of the data, e.g. "{instruction}\n{input}\n### Response:"."""
@@ -279,6 +282,10 @@ class EvalConfig:
     eval set; baseline and final generate on all of it)."""
     baseline: bool = True
     """Evaluate the untrained model at step 0."""
+    perplexity_stride: int | None = None
+    """generation: perplexity with sliding windows of data.max_seq_len tokens moved by this many tokens, each token
+    scored once with the context before it (transformers' "perplexity of fixed-length models"); null:
+    non-overlapping blocks (= data.max_seq_len)."""
 
 
 @dataclass
@@ -526,6 +533,7 @@ def validate(r: Recipe) -> None:
     _check_data(r.data)
     TASKS[r.task].check_config(r.data)
     _check_eval(r.eval)
+    _check_perplexity_stride(r)
     _check_hub(r.hub, r.train)
     _check_model(r.model)
 
@@ -596,6 +604,31 @@ def _check_eval(e: EvalConfig) -> None:
     _need(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens: must be ≥ 1 or null")
     _need(e.temperature > 0, "eval.temperature: must be > 0")
     _need(0 < e.top_p <= 1, "eval.top_p: must be in (0, 1]")
+
+
+def _check_perplexity_stride(r: Recipe) -> None:
+    stride = r.eval.perplexity_stride
+    if stride is None:
+        return
+    from hftoolkit.tasks import TASKS
+
+    _need(
+        TASKS[r.task].tokenization == "documents",
+        f"eval.perplexity_stride: only for task generation (perplexity of running text); task is {r.task}",
+    )
+    _need(
+        1 <= stride <= r.data.max_seq_len,
+        f"eval.perplexity_stride: {stride} must be in [1, data.max_seq_len={r.data.max_seq_len}]",
+    )
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe built from a mapping rather than a file (evaluation suites), with overrides and validation."""
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    recipe = _build(Recipe, raw)
+    validate(recipe)
+    return recipe
 
 
 def _check_hub(h: HubConfig, t: TrainConfig) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hftoolkit import metrics as metric_lib
-from hftoolkit.data import encode_prompts
+from hftoolkit.data import encode_documents, encode_prompts
 from hftoolkit.generation import Decoding, generate_batch, generation_context, needs_synced_gpus
 from hftoolkit.speedups import TARGET_LABELS, TARGET_POSITIONS, target_labels
 
@@ -61,6 +61,89 @@ def evaluate_loss(accelerator, model, loader, targets_only: bool = False) -> dic
     model.train()
     eval_loss = total / max(count, 1)
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700.0))}
+
+
+def document_stream(task, tokenizer, rows: list[dict], data_cfg) -> tuple[list[int], list[bool]]:
+    """The eval split as the one token stream evaluate_loss reads on the generation task (each document + EOS;
+    a document's first token is not scored, since it does not follow from the previous document), and which
+    positions are scored."""
+    blocks = encode_documents(task, tokenizer, rows, data_cfg, max_len=1 << 62, packing=True)
+    if not blocks:
+        return [], []
+    return list(blocks[0]["input_ids"]), [label != -100 for label in blocks[0]["labels"]]
+
+
+def joined_stream(texts: list[str], join: str, tokenizer) -> tuple[list[int], list[bool]]:
+    """All texts joined by `join` and tokenized as one text, every token scored: the corpus as the transformers
+    guide reads WikiText ("\n\n".join of the rows)."""
+    ids = tokenizer(join.join(texts), add_special_tokens=False)["input_ids"] if texts else []
+    return list(ids), [True] * len(ids)
+
+
+def stride_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window: windows of `window` tokens starting every `stride`
+    tokens; a window scores only the tokens the previous one did not reach, so each token is scored once, with up
+    to window - 1 tokens of context. stride == window: non-overlapping blocks (a block's first token, having no
+    context, is never scored)."""
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        windows.append((begin, end, max(begin + 1, prev_end)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def sliding_window_perplexity(
+    accelerator, model, ids: list[int], scored: list[bool], window: int, stride: int, batch_size: int
+) -> dict:
+    """Perplexity of a token stream with strided sliding windows (transformers' "perplexity of fixed-length
+    models"), token-weighted over the scored tokens; windows are dealt round-robin to the processes, which all run
+    the same number of forward passes (sharded models run in lockstep; a process short of one runs a window it
+    does not count)."""
+    windows = stride_windows(len(ids), window, stride)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = windows[rank::world]
+    per_process = math.ceil(len(windows) / world)
+    passes = math.ceil(per_process / batch_size)
+    device = accelerator.device
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for k in range(passes):
+        chunk = mine[k * batch_size : (k + 1) * batch_size]
+        batch = _window_batch(ids, scored, chunk or windows[:1], device)
+        loss_sum, n = token_losses(model, batch)
+        if chunk:
+            total += torch.stack([loss_sum.double().sum(), n.double().sum()])
+    total = accelerator.reduce(total, reduction="sum") if world > 1 else total
+    model.train()
+    nll, count = total[0].item(), int(total[1].item())
+    eval_loss = nll / max(count, 1)
+    return {
+        "eval_loss": eval_loss,
+        "perplexity": math.exp(min(eval_loss, 700.0)),
+        "ppl_tokens": count,
+        "ppl_windows": len(windows),
+        "ppl_window": window,
+        "ppl_stride": stride,
+    }
+
+
+def _window_batch(ids: list[int], scored: list[bool], windows, device) -> dict:
+    """Right-padded windows; labels only where a window scores (positions first..end-1 that are scored)."""
+    width = max(end - begin for begin, end, _ in windows)
+    input_ids = torch.zeros((len(windows), width), dtype=torch.long)
+    labels = torch.full((len(windows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, (begin, end, first) in enumerate(windows):
+        input_ids[row, : end - begin] = torch.tensor(ids[begin:end])
+        mask[row, : end - begin] = 1
+        for t in range(first, end):
+            if scored[t]:
+                labels[row, t - begin] = ids[t]
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
 @dataclass
@@ -170,22 +253,27 @@ def generate_predictions(
     return sorted({r["index"]: r for r in results}.values(), key=lambda r: r["index"])
 
 
-def compute_scores(names, predictions: list[str], references: list[list[str]]) -> tuple[dict, dict]:
+def compute_scores(
+    names, predictions: list[str], references: list[list[str]], settings: dict | None = None
+) -> tuple[dict, dict]:
     """Scores on a 0–100 scale (the `evaluate` modules keep their own scales) and each metric's configuration
-    (metrics.describe: e.g. sacreBLEU's signature) for results.json."""
+    (metrics.describe: e.g. sacreBLEU's signature) for results.json. `settings`: {metric: compute() keyword
+    arguments} on top of the defaults (an evaluation suite's pinned configuration, e.g. sacreBLEU's tokenizer)."""
     scores, config = {}, {}
+    settings = settings or {}
     for name in names:
+        extra = dict(settings.get(name) or {})
         if name == "perplexity":
             continue  # corpus perplexity comes from the eval loss; the module would reload the model
         module = metric_lib.load(name)
         if name == "rouge":
-            kwargs = {"use_stemmer": True}
+            kwargs = {"use_stemmer": True, **extra}
             out = module.compute(predictions=predictions, references=references, **kwargs)
             scores.update({k: 100.0 * float(v) for k, v in out.items()})
         elif name in ("sacrebleu", "chrf"):
             # Several references per example may differ in number: the bundled modules pad them for sacreBLEU.
-            kwargs = {"references": references}
-            out = module.compute(predictions=predictions, references=references)
+            kwargs = {"references": references, **extra}
+            out = module.compute(predictions=predictions, **kwargs)
             scores["bleu" if name == "sacrebleu" else "chrf"] = float(out["score"])
         elif name == "exact_match":
             kwargs = {}
@@ -197,9 +285,13 @@ def compute_scores(names, predictions: list[str], references: list[list[str]]) -
             if name == "squad_v2":
                 for p in preds:
                     p["no_answer_probability"] = 0.0
+                for r in refs:  # no answer text: an unanswerable question, as squad_v2 counts them
+                    if not any(t.strip() for t in r["answers"]["text"]):
+                        r["answers"] = {"text": [], "answer_start": []}
             out = module.compute(predictions=preds, references=refs)
             scores["exact_match"] = float(out.get("exact_match", out.get("exact", 0.0)))
             scores["f1"] = float(out["f1"])
+            scores.update({k: float(v) for k, v in out.items() if k.startswith(("HasAns_", "NoAns_"))})
         else:
             kwargs = {}
             out = module.compute(predictions=predictions, references=[r[0] for r in references])

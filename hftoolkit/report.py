@@ -369,4 +369,27 @@ def compare_runs(run_dirs: list[str | os.PathLike]) -> str:
     legend = (
         "Final scores (0-100; eval_loss and perplexity lower is better), delta vs baseline in parentheses."
     )
-    return "\n".join([*table, "", legend])
+    return "\n".join([*table, "", legend, *suites_table(runs)])
+
+
+def suites_table(runs) -> list[str]:
+    """Evaluation-suite scores (results.json `suites`) beside the published reference scores of each suite."""
+    rows = []
+    for run in runs:
+        for name, suite in sorted(((run.results or {}).get("suites") or {}).items()):
+            ds = suite.get("dataset") or {}
+            where = f"{ds.get('name')} ({ds.get('split')}, {ds.get('num_examples')} examples)"
+            for metric in suite.get("report") or list(suite.get("metrics") or {}):
+                refs = [
+                    f"{fmt(r['scores'][metric])} {r.get('model', '')} [{r.get('source', '')}]"
+                    for r in suite.get("references") or []
+                    if metric in (r.get("scores") or {})
+                ]
+                value = (suite.get("metrics") or {}).get(metric)
+                rows.append([str(run.path), name, where, metric, fmt(value), "; ".join(refs) or "-"])
+    if not rows:
+        return []
+    header = ["run", "suite", "data", "metric", "score", "published (model) [source]"]
+    lines = ["| " + " | ".join(r) + " |" for r in [header, ["---"] * 4 + ["---:", "---"], *rows]]
+    note = "Published scores are for reading beside ours: eval/README.md says how each setting differs."
+    return ["", "Evaluation suites:", "", *lines, "", note]

@@ -30,6 +30,7 @@ from hftoolkit.evaluation import (
     build_generation_set,
     compute_scores,
     default_max_new_tokens,
+    document_stream,
     evaluate_loss,
     generate_predictions,
     generation_batch_sizes,
@@ -50,6 +51,7 @@ class EvalSet:
     gen_set: object = None
     gen_loaders: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # results.json → eval_sets.<name>.dataset
+    stride_stream: tuple | None = None  # eval.perplexity_stride: (token ids, scored)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Run:
     packing: bool = True  # data.packing, unless the model cannot keep packed examples apart
     targets_only: bool = False  # speed_up enabled the targets-only LM head (see token_losses)
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # data.eval_sets, in recipe order
+    stride_stream: tuple | None = None  # eval.perplexity_stride: (token ids, scored) of the eval split
 
     @property
     def out(self) -> Path:
@@ -94,9 +97,15 @@ class Run:
         and the first (primary) set also under the plain keys, which selection, the plots and results.json's
         baseline/final read; predictions.jsonl holds the primary set's predictions."""
         acc = self.accelerator
-        scores = self.score_set(self.eval_loader, self.gen_set, self.gen_loaders, subset, final)
+        scores = self.score_set(
+            self.eval_loader, self.gen_set, self.gen_loaders, subset, final, self.stride_stream
+        )
         for i, (name, s) in enumerate(self.eval_sets.items()):
-            own = scores if i == 0 else self.score_set(s.eval_loader, s.gen_set, s.gen_loaders, subset, False)
+            own = (
+                scores
+                if i == 0
+                else self.score_set(s.eval_loader, s.gen_set, s.gen_loaders, subset, False, s.stride_stream)
+            )
             scores = {**scores, **{f"{name}/{k}": v for k, v in own.items() if "/" not in k}}
         if acc.is_main_process:
             rundir.append_metrics(self.out, {"kind": "eval", "step": step, **scores})
@@ -104,18 +113,24 @@ class Run:
         acc.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
         return scores
 
-    def score_set(self, eval_loader, gen_set, gen_loaders, subset: bool, write_predictions: bool) -> dict:
+    def score_set(
+        self, eval_loader, gen_set, gen_loaders, subset: bool, write_predictions: bool, stride_stream=None
+    ) -> dict:
         """One eval set's scores (rounded): its eval loss, and its generations scored for generating tasks."""
         acc = self.accelerator
         scores = (
-            evaluate_loss(acc, self.model, eval_loader, self.targets_only) if eval_loader is not None else {}
+            evaluate_loss(acc, self.model, eval_loader, self.targets_only)
+            if eval_loader is not None and stride_stream is None
+            else {}
         )
+        if stride_stream is not None:
+            scores = self.stride_perplexity(stride_stream)
         if self.task.generates:
             loader = gen_loaders["subset" if subset and "subset" in gen_loaders else "full"]
             preds = generate_predictions(
                 acc, self.model, self.tokenizer, self.task, gen_set, loader, self.decoding
             )
-            texts = [p["prediction"] for p in preds]
+            texts = [self.task.scoring_text(p["prediction"], self.recipe.data) for p in preds]
             refs = [gen_set.references[p["index"]] for p in preds]
             data_cfg = self.recipe.data
             names = self.recipe.eval.metrics or list(self.task.default_metrics(data_cfg))
@@ -127,6 +142,23 @@ class Run:
             if write_predictions and acc.is_main_process:
                 self.write_predictions(preds, self.task.score_examples(texts, refs))
         return {k: round(float(v), 4) for k, v in scores.items()}
+
+    def stride_perplexity(self, stride_stream: tuple) -> dict:
+        """eval.perplexity_stride: sliding windows of data.max_seq_len tokens over an eval set's stream."""
+        from hftoolkit.evaluation import sliding_window_perplexity
+
+        ids, scored = stride_stream
+        e = self.recipe.eval
+        window = self.recipe.data.max_seq_len
+        return sliding_window_perplexity(
+            self.accelerator,
+            self.model,
+            ids,
+            scored,
+            window,
+            e.perplexity_stride,
+            e.per_device_eval_batch_size,
+        )
 
     def write_predictions(self, preds: list[dict], per_example: list) -> None:
         rows = [
@@ -257,6 +289,8 @@ def prepare_run(recipe: Recipe, mode: str) -> Run:
         run.data_stats.setdefault(split.replace("validation", "eval", 1), {})["bad_rows"] = counts
     if task.generates:
         build_generation_eval(run, splits["validation"], eval_set_rows(splits))
+    if recipe.eval.perplexity_stride:
+        run.stride_stream = document_stream(task, tokenizer, splits["validation"].to_list(), recipe.data)
     build_eval_sets(run, splits)
     if resume_from is not None:
         ckpt.check_resume_compatible(run, resume_from)
@@ -484,7 +518,9 @@ def build_eval_sets(run: Run, splits: dict) -> None:
         info = eval_set_info(spec, raw)
         if i == 0:
             run.eval_dataset_info = info
-            run.eval_sets[name] = EvalSet(run.eval_loader, run.gen_set, run.gen_loaders, info)
+            run.eval_sets[name] = EvalSet(
+                run.eval_loader, run.gen_set, run.gen_loaders, info, run.stride_stream
+            )
             continue
         with acc.main_process_first():
             ds, stats = tokenize_split(
@@ -494,7 +530,12 @@ def build_eval_sets(run: Run, splits: dict) -> None:
         batch = recipe.eval.per_device_eval_batch_size
         loader = acc.prepare_data_loader(build_eval_loader(ds, batch, run.tokenizer.pad_token_id))
         gen_set, gen_loaders = generation_state(run, raw.to_list()) if run.task.generates else (None, {})
-        run.eval_sets[name] = EvalSet(loader, gen_set, gen_loaders, info)
+        stream = (
+            document_stream(run.task, run.tokenizer, raw.to_list(), data_cfg)
+            if recipe.eval.perplexity_stride
+            else None
+        )
+        run.eval_sets[name] = EvalSet(loader, gen_set, gen_loaders, info, stream)
 
 
 def check_metrics(names: list[str]) -> None:

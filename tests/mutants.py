@@ -58,6 +58,11 @@ SUBSET = f"{E2E}::test_periodic_evals_generate_exactly_their_budgeted_subset"
 ROTATION = f"{E2E}::test_save_total_limit_keeps_exactly_the_newest_checkpoints"
 LEARNS = f"{E2E}::test_a_short_run_learns_to_summarize_and_to_stop"
 BAD_EXTENSION = f"{E2E}::test_bad_extension_is_the_documented_line"
+SUITES = "tests/test_suites.py"
+STRIDE_LOOP = f"{SUITES}::test_sliding_window_perplexity_equals_the_guide_loop"
+STRIDE_TODAY = f"{SUITES}::test_non_overlapping_stride_equals_todays_eval_loss"
+SUITE_JOIN = f"{SUITES}::test_perplexity_suite_reads_the_split_as_one_joined_text"
+NO_ANSWER = f"{SUITES}::test_no_answer_text_is_the_empty_answer_for_squad_v2"
 RESUME_UNPACKED = "tests/test_resume.py::test_resume_unpacked_across_an_epoch_boundary_is_exact"
 RESUME_SIGTERM = "tests/test_resume.py::test_sigterm_saves_a_checkpoint_and_says_how_to_resume"
 PACKED_APART = f"{UNIT}::test_packed_examples_never_predict_each_other"
@@ -259,6 +264,22 @@ MUTANTS = [
       "ds = ds.rename_columns({a: b for a, b in zip(own, canonical, strict=True) if a != b})",
       "ds = ds.rename_columns({a: b for a, b in zip(own, canonical[::-1], strict=True) if a != b})",
       (MIX_COLUMNS,)),
+    # -- sliding-window perplexity: each token scored once, with the context before it (tests/test_suites.py)
+    M("stride-window-rescores-overlap", "hftoolkit/evaluation.py",
+      "windows.append((begin, end, max(begin + 1, prev_end)))", "windows.append((begin, end, begin + 1))",
+      (STRIDE_LOOP,)),
+    M("stride-stream-scores-document-starts", "hftoolkit/evaluation.py",
+      'return list(blocks[0]["input_ids"]), [label != -100 for label in blocks[0]["labels"]]',
+      'return list(blocks[0]["input_ids"]), [True for label in blocks[0]["labels"]]',
+      (STRIDE_TODAY,)),
+    M("suite-join-drops-blank-rows", "hftoolkit/evaluation.py",
+      'ids = tokenizer(join.join(texts), add_special_tokens=False)["input_ids"] if texts else []',
+      'ids = tokenizer(join.join(t for t in texts if t.strip()), add_special_tokens=False)["input_ids"] if texts else []',
+      (SUITE_JOIN,)),
+    M("no-answer-text-not-mapped", "hftoolkit/tasks/qa.py",
+      'if no_answer and " ".join(prediction.split()).lower() == " ".join(no_answer.split()).lower():',
+      "if False:",
+      (NO_ANSWER,)),
 ]  # fmt: skip
 
 # A failure that says the copy could not be imported or compiled is not a kill: the test never ran the mutant.

@@ -367,8 +367,61 @@ def case_eval_sets_with_validation_file(tmp_path, cli, monkeypatch):
     return error_lines(cli("plan", SUM, *tiny_overrides(tmp_path / "o"), sets, f"data.validation_file={a}"))
 
 
+def case_perplexity_stride(tmp_path, cli, monkeypatch):
+    generation = "recipes/quickstart/generation.yaml"
+    return error_lines(cli("plan", QA, "eval.perplexity_stride=8")) + error_lines(
+        cli("plan", generation, "eval.perplexity_stride=2048")
+    )
+
+
+def case_unknown_suite(tmp_path, cli, monkeypatch):
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("suite: odd\ntask: qa\ndata: {}\nx: 1\n")
+    return (
+        error_lines(cli("eval", "--suite", tmp_path / "nope.yaml", "gpt2"))
+        + error_lines(cli("eval", "--suite", "eval/quickstart.yaml", "gpt2"))
+        + error_lines(cli("eval", "--suite", odd, "gpt2"))
+        + error_lines(cli("eval", "--suite", "xsum", "gpt2", "--limit", "0"))
+    )
+
+
+def case_suite_pin_differs(tmp_path, cli, monkeypatch):
+    suite = (REPO_ROOT / "eval" / "wmt14_en_de.yaml").read_text()
+    assert "sacrebleu: {tokenize: 13a}" in suite
+    path = tmp_path / "wmt.yaml"
+    path.write_text(suite.replace("sacrebleu: {tokenize: 13a}", "sacrebleu: {tokenize: intl}"))
+    rows = tmp_path / "wmt.jsonl"
+    rows.write_text(json.dumps({"translation": {"en": "a cat .", "de": "eine Katze ."}}) + "\n")
+    model = suite_model(tmp_path)
+    return error_lines(
+        cli("eval", "--suite", path, model, "--output-dir", tmp_path / "o", f"data.validation_file={rows}",
+            "eval.max_new_tokens=2")
+    )  # fmt: skip
+
+
+def suite_model(tmp_path) -> Path:
+    from hftoolkit.modeling import init_model_dir
+
+    return Path(init_model_dir(str(tmp_path / "m"), "tiny", "gpt2", 1024, 0))
+
+
+def case_suite_dataset_unloadable(tmp_path, cli, monkeypatch):
+    model = suite_model(tmp_path)
+    return error_lines(cli("eval", "--suite", "xsum", model, "--limit", "2", "--output-dir", tmp_path / "o"))
+
+
+def case_suite_all_without_task(tmp_path, cli, monkeypatch):
+    model = suite_model(tmp_path)
+    return error_lines(cli("eval", "--suite", "all", model, "--output-dir", tmp_path / "o"))
+
+
 CASES = {
     "malformed YAML": case_malformed_yaml,
+    "perplexity stride out of place": case_perplexity_stride,
+    "suite file, name or --limit wrong": case_unknown_suite,
+    "suite metric settings differ from its pin": case_suite_pin_differs,
+    "suite dataset cannot be loaded (offline, renamed)": case_suite_dataset_unloadable,
+    "`--suite all` on a model without a task": case_suite_all_without_task,
     "recipe not a mapping": case_not_a_mapping,
     "unknown key": case_unknown_key,
     "wrong type": case_wrong_type,

@@ -102,6 +102,8 @@ class Task(Protocol):
 
     def postprocess(self, completion: str, stop_strings) -> str: ...
 
+    def scoring_text(self, prediction: str, data_cfg) -> str: ...
+
     def row_problem(self, row: dict[str, Any], data_cfg) -> str | None: ...
 
     def align_layout(self, ds, source_cfg, data_cfg): ...
@@ -168,6 +170,10 @@ class BaseTask:
         that `data_cfg` reads and one schema across datasets; `source_cfg` is how the dataset's own rows are read.
         Plain columns need nothing; dict layouts (translation pairs, SQuAD answers) override this."""
         return ds
+
+    def scoring_text(self, prediction: str, data_cfg) -> str:
+        """The prediction as the metrics see it (QA maps data.no_answer_text to the empty answer)."""
+        return prediction
 
     def score_examples(self, predictions: list[str], references: list[list[str]]) -> list[float | None]:
         """A 0-100 score per example for predictions.jsonl (the report's best/worst listings); None: no score."""
