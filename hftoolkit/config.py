@@ -139,6 +139,11 @@ class DataConfig:
     """With bad_rows=drop, the largest share of a split that may be dropped before it is an error (0.05 = 5 %)."""
     preprocessing_num_workers: int | None = None
     """Processes for datasets.map."""
+    streaming: bool = False
+    """Read the training rows lazily (datasets IterableDataset), each process its own shards, shuffled in a buffer,
+    tokenized and packed on the fly: for corpora larger than memory. Needs train.max_steps; see README "Streaming"."""
+    shuffle_buffer_size: int = 10000
+    """With streaming: rows per process in the shuffle buffer (seeded by the recipe's seed; saved in checkpoints)."""
 
 
 @dataclass
@@ -462,6 +467,7 @@ def validate(r: Recipe) -> None:
     _check_eval(r.eval)
     _check_hub(r.hub, r.train)
     _check_model(r.model)
+    _check_streaming(r)
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -514,6 +520,24 @@ def _check_data(d: DataConfig) -> None:
         sum(sources) == 1,
         "data: set exactly one of data.dataset_name, data.train_file/validation_file, data.synthetic",
     )
+
+
+def _check_streaming(r: Recipe) -> None:
+    """A stream has no length known ahead: the run's length is train.max_steps."""
+    d = r.data
+    if not d.streaming:
+        return
+    _need(
+        r.train.max_steps > 0,
+        "data.streaming: a stream has no known length, so epochs cannot be counted; set train.max_steps (optimizer "
+        "steps to train)",
+    )
+    _need(
+        d.max_train_samples is None,
+        "data.streaming: data.max_train_samples would cut a stream whose length is unknown; remove it (train.max_steps "
+        "sets how much is read)",
+    )
+    _need(d.shuffle_buffer_size >= 1, "data.shuffle_buffer_size: must be ≥ 1")
 
 
 def _check_eval(e: EvalConfig) -> None:
