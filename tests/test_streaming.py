@@ -280,14 +280,13 @@ def test_two_processes_stream_disjoint_shares(tmp_path):
 @pytest.mark.multiproc
 def test_two_process_streaming_run_trains(tmp_path):
     """`accelerate launch` of 2 processes on a streamed recipe trains to train.max_steps (neither process waits for
-    the other at the end of its share) and results.json counts both processes' rows."""
+    the other at the end of its share), each over its half of the rows, and results.json counts both processes."""
     out = tmp_path / "run"
     launch_2proc("train", QA, *tiny_overrides(out, **{"data.streaming": "true", "eval.baseline": "false",
                                                        "train.max_steps": 12, "data.shuffle_buffer_size": 8}))  # fmt: skip
     train = json.loads((out / "results.json").read_text())["data"]["train"]
     assert train["processes"] == 2 and len(train["passes"]) == 2
-    assert train["passes"] == [
-        1,
-        1,
-    ]  # 12 steps × 8 rows = 96 > the 32 rows of each share: both wrapped around
+    # Each process trains on 12 steps × 8 = 96 examples of its own 32 of the 64 rows: 3 passes over its share (with
+    # every process reading all 64 rows, it would be in its second pass).
+    assert train["passes"] == [3, 3]
     assert len(train_losses(out)) == 6  # logging every 2 steps
