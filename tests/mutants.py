@@ -70,6 +70,8 @@ EMPTY_FILE = f"{E2E}::test_empty_train_file_says_the_split_is_empty"
 RESOLVED_CONFIG = "tests/test_tasks.py::test_config_yaml_is_the_resolved_recipe"
 COMPLETION_MASK = "tests/test_completion.py::test_only_the_prompt_is_masked_and_eos_keeps_its_label"
 OUT_OF_SET = "tests/test_completion.py::test_labels_score_out_of_set_predictions_as_wrong"
+STREAM_RESUME = "tests/test_streaming.py::test_resumed_stream_trains_like_the_straight_run"
+STREAM_RANGES = "tests/test_streaming.py::test_byte_ranges_read_every_row_once"
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,16 @@ MUTANTS = [
     M("completion-out-of-set-not-counted", "hftoolkit/tasks/completion.py",
       '"out_of_label_set": float(sum(p not in labels for p in predictions)),', '"out_of_label_set": 0.0,',
       (OUT_OF_SET,)),
+    # -- streaming: a resume restarts at the checkpoint's position; byte ranges read each row once
+    M("stream-resume-forgets-used-examples", "hftoolkit/streaming.py",
+      'self._chunk, self._skip = None, state["used"]', "self._chunk, self._skip = None, 0",
+      (STREAM_RESUME,)),
+    M("stream-resume-empties-the-buffer", "hftoolkit/streaming.py",
+      'self.buffer = list(snap["buffer"])', "self.buffer = []",
+      (STREAM_RESUME,)),
+    M("paragraph-range-misses-continuation", "hftoolkit/streaming.py",
+      "prev_blank = _previous_line_blank(f, pos)", "prev_blank = True",
+      (STREAM_RANGES,)),
 ]  # fmt: skip
 
 # A failure that says the copy could not be imported or compiled is not a kill: the test never ran the mutant.
