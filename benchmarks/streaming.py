@@ -5,7 +5,8 @@ Usage: .venv/bin/python benchmarks/streaming.py [--gb 2.05] [--steps 50] [--slic
                                                  [--tmp /tmp] [--out streaming.json]
 
 Each run is a fresh `python -m hftoolkit train` process (the same recipe: generation, the tiny preset with the real
-GPT-2 tokenizer, packed blocks of 256 tokens, 4 per step), so its peak RSS is its own (os.wait4). Runs alternate
+GPT-2 tokenizer, packed blocks of 128 tokens, 4 per step; eval-loss batches of 4, so that the evaluation's logits
+over GPT-2's 50k-token vocabulary do not set the peak), so its peak RSS is its own (os.wait4). Runs alternate
 map, stream, map, stream, ... so that the load of a shared machine falls on both sides alike; the load average is
 recorded around every run. Training tokens/s is what the run logs in metrics.jsonl: tokens over the loop's wall time
 between logs, so on-the-fly reading and tokenizing of the stream counts against it, while the map path tokenized
@@ -73,8 +74,8 @@ def head_slice(src: Path, dst: Path, megabytes: float) -> None:
 def train_once(out: Path, train_file: Path, eval_file: Path, streaming: bool, steps: int) -> dict:
     overrides = [
         f"output_dir={out}", "data.synthetic=null", f"data.train_file={train_file}",
-        f"data.validation_file={eval_file}", "model.init={preset: tiny, tokenizer: gpt2}", "data.max_seq_len=256",
-        "train.per_device_train_batch_size=4", f"train.max_steps={steps}", "train.logging_steps=5",
+        f"data.validation_file={eval_file}", "model.init={preset: tiny, tokenizer: gpt2}", "data.max_seq_len=128",
+        "train.per_device_train_batch_size=4", "eval.per_device_eval_batch_size=4", f"train.max_steps={steps}", "train.logging_steps=5",
         "train.eval_steps=null", "eval.baseline=false", f"data.streaming={'true' if streaming else 'false'}",
     ]  # fmt: skip
     cmd = [

@@ -82,19 +82,38 @@ RESUME = {
 }
 
 
-@pytest.mark.parametrize("recipe", [QA, GEN], ids=["qa", "generation_packed_documents"])
-def test_resumed_stream_trains_like_the_straight_run(recipe, tmp_path, cli, monkeypatch):
+def parquet_qa(folder: Path) -> list[str]:
+    """The synthetic QA rows as a parquet training file (streamed by datasets' builder, not by byte ranges)."""
+    from datasets import load_dataset
+
+    from hftoolkit.synthetic import make_dataset_files
+
+    files = make_dataset_files("qa", folder, 64, 8)
+    load_dataset("json", data_files=str(files["train"]), split="train").to_parquet(folder / "train.parquet")
+    return ["data.synthetic=null", f"data.train_file={folder / 'train.parquet'}",
+            f"data.validation_file={files['validation']}"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "recipe,files",
+    [(QA, None), (GEN, None), (QA, parquet_qa)],
+    ids=["qa", "generation_documents", "qa_parquet"],
+)
+def test_resumed_stream_trains_like_the_straight_run(recipe, files, tmp_path, cli, monkeypatch):
     """10 straight steps == the same run stopped after its checkpoint at step 3 and resumed: the same logged loss at
-    every step (read from the two runs' metrics.jsonl) and the same final weights. Failing means the checkpoint does
-    not hold the stream's position (source, shuffle buffer, random state, examples used of the current chunk)."""
+    every step (read from the two runs' metrics.jsonl) and the same final weights; for byte-range shards of JSON
+    lines (the synthetic set), packed generation documents, and a parquet file read by datasets' builder. Failing
+    means the checkpoint does not hold the stream's position (source, shuffle buffer, random state, examples used of
+    the current chunk)."""
     monkeypatch.setattr(streaming, "CHUNK_ROWS", 10)
+    extra = files(tmp_path) if files else []
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    code, _, err = cli("train", recipe, *tiny_overrides(straight, **RESUME))
+    code, _, err = cli("train", recipe, *tiny_overrides(straight, **RESUME), *extra)
     assert code == 0, err
     reset_accelerate()
     cut_back(straight, resumed, 3)
     code, out, err = cli(
-        "train", recipe, *tiny_overrides(resumed, **RESUME), "train.resume_from_checkpoint=latest"
+        "train", recipe, *tiny_overrides(resumed, **RESUME), *extra, "train.resume_from_checkpoint=latest"
     )
     assert code == 0, err
     assert "at step 3" in out
@@ -105,6 +124,19 @@ def test_resumed_stream_trains_like_the_straight_run(recipe, tmp_path, cli, monk
         torch.testing.assert_close(w_res[k], w_ref[k], atol=1e-6, rtol=0)
     data = json.loads((straight / "results.json").read_text())["data"]["train"]
     assert data["streamed"] and data["passes"][0] >= 1  # after step 3 the stream went on into its next pass
+
+
+def test_a_dataset_folder_streams_like_a_hub_dataset(tmp_path, cli):
+    """data.dataset_name (here a local folder with train/validation files, which datasets resolves like a Hub repo):
+    the training split streams, the validation split is materialised for evaluation."""
+    from hftoolkit.synthetic import make_dataset_files
+
+    make_dataset_files("qa", tmp_path / "ds", 64, 8)
+    stream = ["data.synthetic=null", f"data.dataset_name={tmp_path / 'ds'}", "data.streaming=true"]
+    code, _, err = cli("train", QA, *tiny_overrides(tmp_path / "run"), *stream, "eval.baseline=false")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["data"]["train"]["rows"] >= 32 and results["eval_dataset"]["num_examples"] == 8
 
 
 # ------------------------------------------------------------------------------------------------ packing
