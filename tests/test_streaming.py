@@ -318,7 +318,7 @@ def test_two_process_streaming_run_trains(tmp_path):
                                                        "train.max_steps": 12, "data.shuffle_buffer_size": 8}))  # fmt: skip
     train = json.loads((out / "results.json").read_text())["data"]["train"]
     assert train["processes"] == 2 and len(train["passes"]) == 2
-    # Each process trains on 12 steps × 8 = 96 examples of its own 32 of the 64 rows: 3 passes over its share (with
-    # every process reading all 64 rows, it would be in its second pass).
-    assert train["passes"] == [3, 3]
+    # Each process trains on 12 steps × 8 = 96 examples from its own byte ranges, about 32 of the 64 rows: 2-3
+    # complete passes over its share (a process reading all 64 rows would have completed 1).
+    assert min(train["passes"]) >= 2
     assert len(train_losses(out)) == 6  # logging every 2 steps
