@@ -346,6 +346,14 @@ def case_streaming_resume_other_process_count(tmp_path, cli, monkeypatch):
     return error_lines(cli("train", QA, *steps, "train.max_steps=2", "train.resume_from_checkpoint=latest"))
 
 
+def case_streaming_checkpoint_without_position(tmp_path, cli, monkeypatch):
+    out = tmp_path / "run"
+    steps = [*tiny_overrides(out), *STREAM, "train.max_steps=1", "train.save_steps=1"]
+    assert cli("train", QA, *steps)[0] == 0
+    (out / "checkpoints" / "step-0000001" / "stream_state_0.json").unlink()
+    return error_lines(cli("train", QA, *steps, "train.max_steps=2", "train.resume_from_checkpoint=latest"))
+
+
 def case_streaming_share_without_example(tmp_path, cli, monkeypatch):
     # Every training question (the part of a QA prompt that is never cut) is longer than data.max_seq_len, so no
     # row gives an example; the evaluation rows fit.
@@ -390,6 +398,7 @@ CASES = {
     "streaming without train.max_steps": case_streaming_without_max_steps,
     "streaming with a setting it cannot honour": case_streaming_cannot_honour,
     "streaming resume on another process count": case_streaming_resume_other_process_count,
+    "streaming checkpoint without its stream position": case_streaming_checkpoint_without_position,
     "a process's share of the stream gives no example": case_streaming_share_without_example,
 }
 
