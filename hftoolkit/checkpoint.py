@@ -135,6 +135,7 @@ def save(run, progress: Progress) -> Path:
         state,
         run.recipe.train.save_total_limit,
         keep_also=run.out / best if best else None,
+        per_process=run.train_loader.save if run.recipe.data.streaming else None,
     )
     run.accelerator.print(f"checkpoint saved: {path}")
     return path
@@ -147,6 +148,11 @@ def adapt_to_process_count(recipe, acc, path: Path) -> dict | None:
     saved, now = read_state(path).get("num_processes", 1), acc.num_processes
     if saved == now:
         return None
+    if recipe.data.streaming:  # each process's stream position belongs to its own shards
+        raise UserError(
+            f"train.resume_from_checkpoint: {path} holds the stream positions of {saved} process(es) "
+            f"(data.streaming); resume with accelerate launch --num_processes {saved}"
+        )
     if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):  # one shard of weights and optimizer per process
         raise UserError(
             f"train.resume_from_checkpoint: {path} holds sharded states of {saved} process(es); resume with "
@@ -273,6 +279,7 @@ def save_checkpoint(
     state: dict,
     keep: int | None,
     keep_also: Path | None = None,
+    per_process=None,
 ) -> Path:
     """save_state into a temp folder on every process, then the main process fsyncs and renames it.
 
@@ -290,6 +297,8 @@ def save_checkpoint(
     with disk_full_is_user_error(final):
         try:
             accelerator.save_state(str(tmp), safe_serialization=True)
+            if per_process is not None:  # e.g. each process's stream position (streaming.TrainStream.save)
+                per_process(tmp)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

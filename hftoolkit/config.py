@@ -198,6 +198,11 @@ class DataConfig:
     eval_sets: dict[str, SourceConfig] | None = None
     """Named evaluation sets {name: {dataset_name | validation_file, split, column keys, max_eval_samples}},
     evaluated instead of the validation split; the first is the primary one (plain metric keys)."""
+    streaming: bool = False
+    """Read the training rows lazily (datasets IterableDataset), each process its own shards, shuffled in a buffer,
+    tokenized and packed on the fly: for corpora larger than memory. Needs train.max_steps; see README "Streaming"."""
+    shuffle_buffer_size: int = 10000
+    """With streaming: rows per process in the shuffle buffer (seeded by the recipe's seed; saved in checkpoints)."""
 
 
 @dataclass
@@ -536,6 +541,7 @@ def validate(r: Recipe) -> None:
     _check_perplexity_stride(r)
     _check_hub(r.hub, r.train)
     _check_model(r.model)
+    _check_streaming(r)
 
 
 def _check_train(t: TrainConfig) -> None:
@@ -594,6 +600,29 @@ def _check_data(d: DataConfig) -> None:
         sum(sources) == 1
         or (d.eval_sets is not None and not any(sources)),  # eval sets alone: hftoolkit eval
         "data: set exactly one of data.dataset_name, data.train_file/validation_file, data.synthetic",
+    )
+
+
+def _check_streaming(r: Recipe) -> None:
+    """A stream has no length known ahead: the run's length is train.max_steps."""
+    d = r.data
+    if not d.streaming:
+        return
+    _need(
+        r.train.max_steps > 0,
+        "data.streaming: a stream has no known length, so epochs cannot be counted; set train.max_steps (optimizer "
+        "steps to train)",
+    )
+    _need(
+        d.max_train_samples is None,
+        "data.streaming: data.max_train_samples would cut a stream whose length is unknown; remove it (train.max_steps "
+        "sets how much is read)",
+    )
+    _need(d.shuffle_buffer_size >= 1, "data.shuffle_buffer_size: must be ≥ 1")
+    _need(
+        d.sources is None,
+        "data.streaming: data.sources mixtures are not streamed; set data.streaming=false, or mix the sources into "
+        "one file",
     )
 
 

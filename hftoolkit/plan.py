@@ -93,7 +93,12 @@ def plan(
     out = Path(recipe.output_dir)
     data_cfg = recipe.data
     resolve_recipe(recipe)
-    splits, bad_rows = load_splits(recipe, task, need_train=False)
+    splits, bad_rows = load_splits(recipe, task, need_train=data_cfg.streaming)
+    if data_cfg.streaming:
+        print(
+            f"\nstreaming: the lengths below are those of the stream's first {len(splits['train'])} rows; the stream's "
+            f"length is unknown, so the run lasts train.max_steps={recipe.train.max_steps} steps"
+        )
     train_raw = splits.get("train", splits["validation"])
     model, tokenizer = _model_for_plan(recipe, tokenizer_training_texts(recipe, task, splits))
     ctx = check_context(model, data_cfg)

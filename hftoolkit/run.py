@@ -340,7 +340,12 @@ def load_splits(recipe: Recipe, task: Task, acc=None, need_train: bool = True) -
     against the task, rows the task cannot use dropped and counted (data.bad_rows), every drop reported."""
     # Loading happens on the main process first; the others then hit datasets' cache.
     with acc.main_process_first() if acc is not None else contextlib.nullcontext():
-        splits, bad_rows = load_raw_splits(recipe, Path(recipe.output_dir), task)
+        if recipe.data.streaming:  # the eval rows, and the head of the training stream (see streaming.py)
+            from hftoolkit.streaming import load_splits as load_stream_splits
+
+            splits, bad_rows = load_stream_splits(recipe, task, acc, need_train)
+        else:
+            splits, bad_rows = load_raw_splits(recipe, Path(recipe.output_dir), task)
     if need_train and "train" not in splits:
         raise UserError("data: no training split; set data.train_file or data.dataset_name")
     for name, counts in bad_rows.items():
@@ -431,7 +436,7 @@ def build_train_loaders(run: Run, splits: dict) -> None:
         "num_examples": len(eval_raw),
     }
     with acc.main_process_first():
-        if "train" in splits:
+        if "train" in splits and not data_cfg.streaming:
             train_ds, train_stats = tokenize_split(
                 run.task, tok, splits["train"], data_cfg, data_cfg.max_seq_len, run.packing
             )
@@ -443,6 +448,10 @@ def build_train_loaders(run: Run, splits: dict) -> None:
     run.data_stats = {"eval": eval_stats.as_dict()}
     if "train" not in splits:
         return
+    if data_cfg.streaming:  # batches read, shuffled and tokenized on the fly, each process its own shards
+        from hftoolkit.streaming import attach_train_stream
+
+        return attach_train_stream(run, splits["train"])
     run.data_stats["train"] = train_stats.as_dict()
     for split, s in run.data_stats.items():
         if s["source_truncated"] or s["target_truncated"] or s["dropped"]:

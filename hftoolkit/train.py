@@ -130,7 +130,7 @@ def epoch_windows(train_loader, progress: Progress, accum: int):
     after the `progress.batches_in_epoch` micro-batches a resumed checkpoint already consumed."""
     train_loader.set_epoch(progress.epoch)  # deterministic shuffle per (seed, epoch)
     loader = train_loader
-    if progress.batches_in_epoch:
+    if progress.batches_in_epoch and not getattr(train_loader, "resumes_itself", False):  # a stream: load()
         from accelerate import skip_first_batches
 
         loader = skip_first_batches(train_loader, progress.batches_in_epoch)
@@ -181,7 +181,9 @@ class StepLogger:
         record = {
             "kind": "train",
             "step": progress.step,
-            "epoch": round(progress.epoch + progress.batches_in_epoch / max(run.batches_per_epoch, 1), 4),
+            "epoch": round(progress.epoch + progress.batches_in_epoch / max(run.batches_per_epoch, 1), 4)
+            if not run.recipe.data.streaming
+            else run.train_loader.pass_index,  # a stream: the pass over process 0's share
             "loss": loss,
             "learning_rate": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -217,6 +219,8 @@ def train(recipe: Recipe) -> dict:
     if run.resume_from is not None:
         # Weights, optimizer, scheduler, every process's RNG (rescaled when the process count changed).
         progress = ckpt.restore(acc, run.resume_from, scheduler, recipe.seed)
+        if recipe.data.streaming:  # this process's position in its stream, shuffle buffer included
+            run.train_loader.load(run.resume_from)
     else:
         progress = Progress()
         set_seed(recipe.seed)
@@ -335,6 +339,10 @@ def finish(run: Run, progress: Progress, results: dict, selection=None, uploads=
             "published": published,
         }
     results["final"] = run.evaluate(step=progress.step, final=True, subset=False)
+    if run.recipe.data.streaming:
+        from hftoolkit.streaming import gather_stats
+
+        gather_stats(run)
     run.save_model()
     results = run.write_results(results)
     if acc.is_main_process:

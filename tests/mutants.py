@@ -77,6 +77,8 @@ COMPLETION_MASK = "tests/test_completion.py::test_only_the_prompt_is_masked_and_
 OUT_OF_SET = "tests/test_completion.py::test_labels_score_out_of_set_predictions_as_wrong"
 MIX_SHARES = "tests/test_mixture.py::test_weights_3_to_1_realise_75_25_in_the_same_order_on_reload"
 MIX_COLUMNS = "tests/test_mixture.py::test_each_source_reaches_the_task_fields_through_its_own_columns"
+STREAM_RESUME = "tests/test_streaming.py::test_resumed_stream_trains_like_the_straight_run"
+STREAM_RANGES = "tests/test_streaming.py::test_byte_ranges_read_every_row_once"
 
 
 @dataclass(frozen=True)
@@ -280,6 +282,16 @@ MUTANTS = [
       'if no_answer and " ".join(prediction.split()).lower() == " ".join(no_answer.split()).lower():',
       "if False:",
       (NO_ANSWER,)),
+    # -- streaming: a resume restarts at the checkpoint's position; byte ranges read each row once
+    M("stream-resume-forgets-used-examples", "hftoolkit/streaming.py",
+      'self._chunk, self._skip = None, state["used"]', "self._chunk, self._skip = None, 0",
+      (STREAM_RESUME,)),
+    M("stream-resume-empties-the-buffer", "hftoolkit/streaming.py",
+      'self.buffer = list(snap["buffer"])', "self.buffer = []",
+      (STREAM_RESUME,)),
+    M("paragraph-range-misses-continuation", "hftoolkit/streaming.py",
+      "prev_blank = _previous_line_blank(f, pos)", "prev_blank = True",
+      (STREAM_RANGES,)),
 ]  # fmt: skip
 
 # A failure that says the copy could not be imported or compiled is not a kill: the test never ran the mutant.

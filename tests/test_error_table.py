@@ -415,6 +415,51 @@ def case_suite_all_without_task(tmp_path, cli, monkeypatch):
     return error_lines(cli("eval", "--suite", "all", model, "--output-dir", tmp_path / "o"))
 
 
+STREAM = ["data.streaming=true", "eval.baseline=false"]
+
+
+def case_streaming_without_max_steps(tmp_path, cli, monkeypatch):
+    return error_lines(cli("plan", QA, "data.streaming=true", "train.max_steps=-1"))
+
+
+def case_streaming_cannot_honour(tmp_path, cli, monkeypatch):
+    no_eval = qa_files(tmp_path, json.dumps(SQUAD_ROW) + "\n")
+    train, _ = mixture_files(tmp_path)
+    mixture = f"data.sources=[{{train_file: {train}, weight: 1}}]"
+    return (
+        error_lines(cli("train", QA, *no_eval, *STREAM))
+        + error_lines(cli("plan", QA, *STREAM, "data.max_train_samples=10"))
+        + error_lines(cli("plan", SUM, *STREAM, mixture, "data.synthetic=null"))
+    )
+
+
+def case_streaming_resume_other_process_count(tmp_path, cli, monkeypatch):
+    out = tmp_path / "run"
+    steps = [*tiny_overrides(out), *STREAM, "train.max_steps=1", "train.save_steps=1"]
+    assert cli("train", QA, *steps)[0] == 0
+    state = out / "checkpoints" / "step-0000001" / "hftoolkit_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "num_processes": 2}))
+    return error_lines(cli("train", QA, *steps, "train.max_steps=2", "train.resume_from_checkpoint=latest"))
+
+
+def case_streaming_checkpoint_without_position(tmp_path, cli, monkeypatch):
+    out = tmp_path / "run"
+    steps = [*tiny_overrides(out), *STREAM, "train.max_steps=1", "train.save_steps=1"]
+    assert cli("train", QA, *steps)[0] == 0
+    (out / "checkpoints" / "step-0000001" / "stream_state_0.json").unlink()
+    return error_lines(cli("train", QA, *steps, "train.max_steps=2", "train.resume_from_checkpoint=latest"))
+
+
+def case_streaming_share_without_example(tmp_path, cli, monkeypatch):
+    # Every training question (the part of a QA prompt that is never cut) is longer than data.max_seq_len, so no
+    # row gives an example; the evaluation rows fit.
+    long = dict(SQUAD_ROW, question="Where " * 40 + "?")
+    overrides = qa_files(tmp_path, (json.dumps(long) + "\n") * 4)
+    (tmp_path / "eval.jsonl").write_text(json.dumps(SQUAD_ROW) + "\n")
+    validation = f"data.validation_file={tmp_path / 'eval.jsonl'}"
+    return error_lines(cli("train", QA, *overrides, validation, *STREAM, "data.max_seq_len=32"))
+
+
 CASES = {
     "malformed YAML": case_malformed_yaml,
     "perplexity stride out of place": case_perplexity_stride,
@@ -456,6 +501,11 @@ CASES = {
     "resume with changed config/data": case_resume_changed,
     "no disk space while saving": case_disk_full,
     "NaN/inf loss": case_nan_loss,
+    "streaming without train.max_steps": case_streaming_without_max_steps,
+    "streaming with a setting it cannot honour": case_streaming_cannot_honour,
+    "streaming resume on another process count": case_streaming_resume_other_process_count,
+    "streaming checkpoint without its stream position": case_streaming_checkpoint_without_position,
+    "a process's share of the stream gives no example": case_streaming_share_without_example,
 }
 
 
