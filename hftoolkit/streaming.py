@@ -307,6 +307,8 @@ def load_splits(recipe, task, acc=None, need_train: bool = True) -> tuple[dict, 
     if recipe.data.eval_sets:  # named eval sets are small: loaded whole, as without streaming
         from hftoolkit.mixture import load_eval_sets
 
+        if recipe.data.synthetic is not None and (acc is None or acc.is_main_process):
+            synthetic_files(recipe, write=True)  # the stream reads its train file
         sets, set_bad = load_eval_sets(recipe, task)
         first = next(iter(sets))
         splits = {"validation": sets[first], **{f"validation/{name}": ds for name, ds in sets.items()}}

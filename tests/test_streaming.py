@@ -322,3 +322,23 @@ def test_two_process_streaming_run_trains(tmp_path):
     # complete passes over its share (a process reading all 64 rows would have completed 1).
     assert min(train["passes"]) >= 2
     assert len(train_losses(out)) == 6  # logging every 2 steps
+
+
+def test_eval_sets_beside_a_stream(tmp_path, cli):
+    """data.eval_sets replace the stream's validation split, each set loaded whole as without streaming."""
+    from tests.test_mixture import eval_set_files
+
+    first, second = eval_set_files(tmp_path)
+    sets = (
+        f"data.eval_sets={{first: {{validation_file: {first}}}, "
+        f"second: {{validation_file: {second}, text_column: body, summary_column: tldr, max_eval_samples: 10}}}}"
+    )
+    code, out, err = cli(
+        "plan",
+        "recipes/quickstart/summarization.yaml",
+        *tiny_overrides(tmp_path / "o"),
+        "data.streaming=true",
+        sets,
+    )
+    assert code == 0, err[-2000:]
+    assert "eval set first: 12 rows" in out and "eval set second: 10 rows" in out
