@@ -463,14 +463,15 @@ def _encode_split(
         if work is None:
             # datasets keys its cache on a hash of `encode`, which names the module functions it calls without
             # their code: an edited or upgraded hftoolkit would reuse stale tokenization of the same file.
-            return {
-                "new_fingerprint": Hasher.hash([ds._fingerprint, name, max_len, tokenization_code_digest()])
-            }
+            return {"new_fingerprint": Hasher.hash([ds._fingerprint, name, Hasher.hash(encode), digest])}
+        # The entry's key already covers everything (and datasets' own hash of `encode` pickles the whole
+        # tokenizer: seconds for GPT-2's).
         (work / "map").mkdir(exist_ok=True)
-        return {"cache_file_name": str(work / "map" / f"{name}.arrow")}
+        return {"new_fingerprint": f"{work.name}-{name}", "cache_file_name": str(work / "map" / f"{name}.arrow")}
 
     from datasets.fingerprint import Hasher
 
+    digest = tokenization_code_digest()
     features = Features({"document": List(Value("int32"))}) if packed else _example_features(False)
     encoded = ds.map(
         encode, batched=True, batch_size=1000, remove_columns=ds.column_names, features=features,
