@@ -6,7 +6,8 @@ cannot do this: it keys on the closure (which names functions, not their code), 
 datasets (.txt files, mixtures), keys local files on their path and modification time (so the synthetic data of
 two run directories never match), and says nothing about whether it hit.
 
-Layout: ROOT/<key>/{dataset/ (save_to_disk), stats.json, key.json (the key's parts, readable)}. An entry is built
+Layout: ROOT/<key>/{dataset/ (save_to_disk), stats.json, key.json (the key's parts, readable)}, and ROOT/builds.log
+(a line per build: when, key, host:pid). An entry is built
 in ROOT/.tmp-<key>-<host>-<pid>/ and renamed into place, so a killed build leaves no half entry and two builders
 of one key (two nodes, preprocess beside a run) end with one entry.
 """
@@ -34,6 +35,9 @@ NOT_IN_KEY = (
     "train_file", "validation_file", "synthetic", "train_split", "validation_split", "validation_split_percentage",
     "max_train_samples", "max_eval_samples", "bad_rows", "max_bad_rows_share", "sample_by",
 )  # fmt: skip
+
+
+BUILDS_LOG = "builds.log"
 
 
 @dataclass
@@ -109,7 +113,12 @@ def key_parts(task, tokenizer, ds, data_cfg, max_len: int, packing: bool, code_d
     import tokenizers
     import transformers
 
-    options = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in NOT_IN_KEY}
+    # data.prompt_template is in the key as the template the task resolves it to (its own part, below).
+    options = {
+        k: v
+        for k, v in dataclasses.asdict(data_cfg).items()
+        if k not in NOT_IN_KEY and k != "prompt_template"
+    }
     template = task.template(data_cfg)
     return {
         "raw_content": content_fingerprint(ds),
@@ -185,10 +194,16 @@ def publish(work: Path, root: Path, key: str, dataset, stats: dict, parts: dict)
     for leftover in work.iterdir():
         if leftover.name not in ("dataset", "stats.json", "key.json"):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    note = ""
     try:
         os.rename(work, root / key)
     except OSError:  # the entry exists: a concurrent builder of the same key finished first
         shutil.rmtree(work, ignore_errors=True)
+        note = " (discarded: another builder's entry was there first)"
+    with (root / BUILDS_LOG).open("a") as log:  # who built what: one short line per build, appended
+        log.write(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {key} built by {socket.gethostname()}:{os.getpid()}{note}\n"
+        )
     found = lookup(root, key, parts)
     if found is None:
         raise UserError(

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,12 +116,20 @@ def _load_paragraphs(files: dict[str, str], sample_by: str = "paragraph"):
 def split_text(text: str, sample_by: str) -> list[str]:
     """The examples of a .txt file's text (see _load_paragraphs); lines keep their own spaces, not their newline."""
     if sample_by == "document":
-        pieces = [text.strip("\n")]
-    elif sample_by == "line":
-        pieces = text.splitlines()
-    else:
-        pieces = [p.strip("\n") for p in re.split(r"\n(?:[^\S\n]*\n)+", text)]
-    return [p for p in pieces if p.strip()]
+        return [text.strip("\n")] if text.strip() else []
+    lines = text.split("\n")
+    if sample_by == "line":
+        return [line for line in lines if line.strip()]
+    paragraphs, current = [], []
+    for (
+        line
+    ) in lines:  # a paragraph: a run of lines with text (a file may start with WikiText's " \n" line too)
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    return paragraphs + (["\n".join(current)] if current else [])
 
 
 def _short(e: BaseException) -> str:
@@ -467,7 +474,10 @@ def _encode_split(
         # The entry's key already covers everything (and datasets' own hash of `encode` pickles the whole
         # tokenizer: seconds for GPT-2's).
         (work / "map").mkdir(exist_ok=True)
-        return {"new_fingerprint": f"{work.name}-{name}", "cache_file_name": str(work / "map" / f"{name}.arrow")}
+        return {
+            "new_fingerprint": f"{work.name}-{name}",
+            "cache_file_name": str(work / "map" / f"{name}.arrow"),
+        }
 
     from datasets.fingerprint import Hasher
 
