@@ -208,6 +208,10 @@ def test_wikitext_layout_gives_one_example_per_paragraph(tmp_path, cli):
     assert "token lengths (7 training rows" in text  # 8 lines, 1 held out for validation
 
 
+# Enough rows that tokenizing takes seconds: ranks that did not wait for rank 0 would both find no entry and build.
+LONGER_TOKENIZATION = ["eval.baseline=false", "train.max_steps=2", "data.synthetic.num_train=6000"]
+
+
 @pytest.mark.multiproc
 def test_two_processes_build_the_cache_once_and_a_later_run_hits(tmp_path):
     """`accelerate launch` with 2 CPU processes: rank 0 tokenizes each split once (two builds.log lines, one process
@@ -220,7 +224,7 @@ def test_two_processes_build_the_cache_once_and_a_later_run_hits(tmp_path):
         port = s.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
               "--main_process_port", str(port), "-m", "hftoolkit", "train", SUMMARIZATION]  # fmt: skip
-    over = [*tiny_overrides(tmp_path / "run"), "eval.baseline=false", "train.max_steps=2"]
+    over = [*tiny_overrides(tmp_path / "run"), *LONGER_TOKENIZATION]
     proc = subprocess.run(
         [*launch, *over], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -228,7 +232,7 @@ def test_two_processes_build_the_cache_once_and_a_later_run_hits(tmp_path):
     built = builds(root)
     assert len(built) == 2 and len({line.split("built by ")[1] for line in built}) == 1, built
     assert "data (train): tokenized cache miss" in proc.stdout + proc.stderr
-    rerun = [*tiny_overrides(tmp_path / "again"), "eval.baseline=false", "train.max_steps=2"]
+    rerun = [*tiny_overrides(tmp_path / "again"), *LONGER_TOKENIZATION]
     proc = subprocess.run(
         [sys.executable, "-m", "hftoolkit", "train", SUMMARIZATION, *rerun],
         cwd=REPO_ROOT, env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600,
