@@ -70,6 +70,10 @@ EMPTY_FILE = f"{E2E}::test_empty_train_file_says_the_split_is_empty"
 RESOLVED_CONFIG = "tests/test_tasks.py::test_config_yaml_is_the_resolved_recipe"
 COMPLETION_MASK = "tests/test_completion.py::test_only_the_prompt_is_masked_and_eos_keeps_its_label"
 OUT_OF_SET = "tests/test_completion.py::test_labels_score_out_of_set_predictions_as_wrong"
+CACHE_TEMPLATE = "tests/test_cache.py::test_a_changed_template_misses"
+CACHE_TOKENIZER = "tests/test_cache.py::test_a_changed_tokenizer_misses_even_under_the_same_name"
+CACHE_CONTENT = "tests/test_cache.py::test_preprocess_misses_when_the_data_file_changes"
+CACHE_WORKERS = "tests/test_cache.py::test_the_worker_count_does_not_change_packed_documents"
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,16 @@ MUTANTS = [
     M("completion-out-of-set-not-counted", "hftoolkit/tasks/completion.py",
       '"out_of_label_set": float(sum(p not in labels for p in predictions)),', '"out_of_label_set": 0.0,',
       (OUT_OF_SET,)),
+    # -- the tokenize-once cache: a stale entry would train on the wrong examples without a word
+    M("cache-key-ignores-the-template", "hftoolkit/cache.py",
+      '"template": dataclasses.asdict(template),', '"template": None,', (CACHE_TEMPLATE,)),
+    M("cache-key-is-the-tokenizer-name", "hftoolkit/cache.py",
+      '"tokenizer": tokenizer_fingerprint(tokenizer),', '"tokenizer": getattr(tokenizer, "name_or_path", ""),',
+      (CACHE_TOKENIZER,)),
+    M("cache-key-ignores-the-content", "hftoolkit/cache.py",
+      '"raw_content": content_fingerprint(ds),', '"raw_content": len(ds),', (CACHE_CONTENT,)),
+    M("documents-packed-per-worker-shard", "hftoolkit/data.py",
+      "packed = documents and packing", "packed = False", (CACHE_WORKERS,)),
 ]  # fmt: skip
 
 # A failure that says the copy could not be imported or compiled is not a kill: the test never ran the mutant.
