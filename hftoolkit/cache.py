@@ -158,20 +158,20 @@ def lookup(root: Path, key: str, parts: dict):
 def new_build_dir(root: Path, key: str) -> Path:
     """A private folder on the cache's filesystem (so the final rename is atomic); removes this host's leftovers
     of the same key from builds that were killed."""
+    host = socket.gethostname()
+    work = root / f".tmp-{key}-{host}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob(f".tmp-{key}-{host}-*"):
+            if not _alive(int(old.name.rsplit("-", 1)[1])):
+                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
     except OSError as e:
         raise UserError(
-            f"data.cache_dir: cannot create {root} ({e.strerror}); set data.cache_dir to a writable folder"
+            f"data.cache_dir: cannot write the tokenized cache in {root} ({e.strerror}); set data.cache_dir to a "
+            "writable folder, or data.cache_tokenized=false"
         ) from None
-    host = socket.gethostname()
-    for old in root.glob(f".tmp-{key}-{host}-*"):
-        pid = int(old.name.rsplit("-", 1)[1])
-        if not _alive(pid):
-            shutil.rmtree(old, ignore_errors=True)
-    work = root / f".tmp-{key}-{host}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
     return work
 
 

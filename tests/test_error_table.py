@@ -253,6 +253,19 @@ def case_tokenizer_without_eos(tmp_path, cli, monkeypatch):
     )
 
 
+def case_sample_by_not_text(tmp_path, cli, monkeypatch):
+    return error_lines(
+        cli("plan", QA, *qa_files(tmp_path, json.dumps(SQUAD_ROW) + "\n"), "data.sample_by=line")
+    )
+
+
+def case_cache_dir_not_writable(tmp_path, cli, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    return error_lines(
+        cli("preprocess", QA, *tiny_overrides(tmp_path / "o"), f"data.cache_dir={tmp_path}/a-file/c")
+    )
+
+
 def case_context_exceeded(tmp_path, cli, monkeypatch):
     overrides = [*tiny_overrides(tmp_path / "o"), "model.init.n_positions=1024", "data.max_seq_len=4096"]
     return error_lines(cli("train", QA, *overrides))
@@ -339,6 +352,8 @@ CASES = {
     "malformed JSON line / undecodable bytes": case_malformed_json_or_bytes,
     "empty dataset or split": case_empty_split,
     "missing column": case_missing_column,
+    "data.sample_by on a file that is not .txt": case_sample_by_not_text,
+    "tokenized cache folder not writable": case_cache_dir_not_writable,
     "rows with a null, missing, empty or whitespace-only field the task needs": case_unusable_rows,
     "the same with `data.bad_rows: error`": case_unusable_rows_error,
     "a split with no usable row": case_no_usable_row,
