@@ -136,8 +136,14 @@ def key_parts(task, tokenizer, ds, data_cfg, max_len: int, packing: bool, code_d
     }
 
 
+def _keyed(parts: dict) -> dict:
+    """The parts the key hashes: all but the tokenizer's name (written to key.json for people only: the same
+    tokenizer saved into a run's model/ folder and loaded from there by `eval` is the same tokenizer)."""
+    return json.loads(json.dumps({k: v for k, v in parts.items() if k != "tokenizer_name"}, default=str))
+
+
 def key_of(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(_keyed(parts), sort_keys=True).encode()).hexdigest()[:24]
 
 
 def lookup(root: Path, key: str, parts: dict):
@@ -150,7 +156,7 @@ def lookup(root: Path, key: str, parts: dict):
         stats = json.loads((entry / "stats.json").read_text())
     except (OSError, ValueError):
         return None
-    if recorded != json.loads(json.dumps(parts, default=str)):
+    if _keyed(recorded) != _keyed(parts):
         return None
     return load_from_disk(str(entry / "dataset")), stats
 

@@ -166,6 +166,22 @@ def test_a_failed_build_leaves_no_entry(tmp_path, gpt2_tokenizer):
     assert stats.cache.path.name == key and not stale.exists()
 
 
+def test_eval_of_a_trained_model_hits_the_entries_of_its_run(tmp_path, cli):
+    """`eval` with model.name_or_path=RUN/model loads the tokenizer saved there: the same tokenizer under another
+    name, so the run's entries are reused."""
+    run, root = tmp_path / "run", tmp_path / "cache"
+    common = [f"data.cache_dir={root}", "eval.baseline=false"]
+    code, out, err = cli("train", "recipes/quickstart/qa.yaml", *tiny_overrides(run), *common)
+    assert code == 0, err
+    assert "data (eval): tokenized cache miss" in out + err
+    model = ["model.init=null", f"model.name_or_path={run / 'model'}"]
+    code, out, err = cli(
+        "eval", "recipes/quickstart/qa.yaml", *tiny_overrides(tmp_path / "ev"), *common, *model
+    )
+    assert code == 0, err
+    assert "data (eval): tokenized cache hit" in out + err and len(builds(root)) == 2
+
+
 WIKITEXT = (
     " \n = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 is a tactical role @-@ playing game .\n"
     " It was released in January 2011 in Japan .\n \n = = Gameplay = = \n \n"
