@@ -120,10 +120,9 @@ def split_text(text: str, sample_by: str) -> list[str]:
     lines = text.split("\n")
     if sample_by == "line":
         return [line for line in lines if line.strip()]
+    # A paragraph: a run of lines with text (a file may start with WikiText's " \n" line too).
     paragraphs, current = [], []
-    for (
-        line
-    ) in lines:  # a paragraph: a run of lines with text (a file may start with WikiText's " \n" line too)
+    for line in lines:
         if line.strip():
             current.append(line)
         elif current:
