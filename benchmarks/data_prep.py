@@ -16,7 +16,10 @@ c. hftoolkit, second run: the same call again (a new Dataset object from the sam
 
 TOKENIZERS_PARALLELISM=false on both sides, as the repository runs (Makefile): one thread per process. With
 --hf-threads the HF side runs once more with the Rust tokenizer's own threads on (its default outside this repo).
-Headline keys: speedup_vs_hf_map (a / b, target >= 1.6 on 2 cores), second_run_share (c / b, target <= 0.05).
+With --pairs N the two sides alternate (A B, B A, ...) and the medians count, since the machine may be shared.
+Headline keys: speedup_vs_hf_map (a / b, target >= 1.6 on 2 cores), second_run_share (c / b, target <= 0.05),
+cpu_seconds_ratio_hftoolkit_to_hf (CPU time of all hftoolkit processes / the HF process: the work, whatever the
+load).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -145,6 +149,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--hf-threads", action="store_true", help="also time the HF side with tokenizer threads on"
     )
+    parser.add_argument(
+        "--pairs", type=int, default=1, help="HF/hftoolkit pairs, alternating order (medians)"
+    )
     parser.add_argument("--out", help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -167,24 +174,43 @@ def main(argv=None) -> int:
         result["document_tokens"] = token_lengths(ds, tokenizer)
         print(f"{len(ds):,} rows, document tokens {result['document_tokens']}", flush=True)
 
-        hf_s, hf_cpu, hf_rows = timed(hf_examples_map, ds, prepare_tokenizer(gpt2_tokenizer(), "gpt2"))
-        print(
-            f"a. HF examples map, 1 process: {hf_s:.1f} s, CPU {hf_cpu:.1f} s ({hf_rows / hf_s:,.0f} rows/s)"
-        )
         recipe, task = hftoolkit_recipe(tmp / "cache", args.workers)
-        first_s, first_cpu, (out, stats) = timed(hftoolkit_prepare, recipe, task, ds, tokenizer)
-        print(f"b. hftoolkit, {args.workers} workers, first run: {first_s:.1f} s, CPU {first_cpu:.1f} s "
-              f"({len(ds) / first_s:,.0f} rows/s); {stats.cache.describe()}")  # fmt: skip
+        hf_runs, ours_runs, stats = [], [], None
+        for i in range(args.pairs):  # A B, then B A, ...: both sides see the same mix of the machine's load
+            for side in ("hf", "ours") if i % 2 == 0 else ("ours", "hf"):
+                load_before = os.getloadavg()[0]
+                if side == "hf":
+                    hf_s, hf_cpu, _ = timed(hf_examples_map, ds, prepare_tokenizer(gpt2_tokenizer(), "gpt2"))
+                    hf_runs.append(
+                        {"seconds": round(hf_s, 2), "cpu_seconds": round(hf_cpu, 2), "load": load_before}
+                    )
+                    print(f"a. HF examples map, 1 process: {hf_s:.1f} s, CPU {hf_cpu:.1f} s "
+                          f"({len(ds) / hf_s:,.0f} rows/s), load {load_before:.1f}", flush=True)  # fmt: skip
+                    continue
+                shutil.rmtree(tmp / "cache", ignore_errors=True)  # every first run starts from an empty cache
+                first_s, first_cpu, (out, stats) = timed(hftoolkit_prepare, recipe, task, ds, tokenizer)
+                ours_runs.append(
+                    {"seconds": round(first_s, 2), "cpu_seconds": round(first_cpu, 2), "load": load_before}
+                )
+                print(f"b. hftoolkit, {args.workers} workers, first run: {first_s:.1f} s, CPU {first_cpu:.1f} s "
+                      f"({len(ds) / first_s:,.0f} rows/s), load {load_before:.1f}; {stats.cache.describe()}",
+                      flush=True)  # fmt: skip
         again = load(tmp / "xsum_like.jsonl")  # a new Dataset object, as in a new process
         second_s, _, (_, stats2) = timed(hftoolkit_prepare, recipe, task, again, tokenizer)
-        print(f"c. hftoolkit, second run: {second_s:.2f} s; {stats2.cache.describe()}")
+        print(f"c. hftoolkit, second run: {second_s:.2f} s; {stats2.cache.describe()}", flush=True)
         assert stats.cache.status == "built" and stats2.cache.status == "hit"
+        hf_s, first_s = (statistics.median(r["seconds"] for r in runs) for runs in (hf_runs, ours_runs))
+        hf_cpu, first_cpu = (
+            statistics.median(r["cpu_seconds"] for r in runs) for runs in (hf_runs, ours_runs)
+        )
         result.update(
-            hf_map_seconds=round(hf_s, 2), hf_map_cpu_seconds=round(hf_cpu, 2),
-            hf_rows_per_second=round(hf_rows / hf_s),
-            hftoolkit_first_seconds=round(first_s, 2), hftoolkit_first_cpu_seconds=round(first_cpu, 2),
-            hftoolkit_rows_per_second=round(len(ds) / first_s), hftoolkit_second_seconds=round(second_s, 2),
+            hf_runs=hf_runs, hftoolkit_first_runs=ours_runs,
+            hf_map_seconds=hf_s, hf_rows_per_second=round(len(ds) / hf_s),
+            hftoolkit_first_seconds=first_s, hftoolkit_rows_per_second=round(len(ds) / first_s),
+            hftoolkit_second_seconds=round(second_s, 2),
             speedup_vs_hf_map=round(hf_s / first_s, 2), second_run_share=round(second_s / first_s, 4),
+            # Work done, whatever the load: the CPU seconds of each side (hftoolkit's summed over its workers).
+            cpu_seconds_ratio_hftoolkit_to_hf=round(first_cpu / hf_cpu, 3),
             cache_entry_bytes=sum(p.stat().st_size for p in stats.cache.path.rglob("*") if p.is_file()),
             examples=len(out), truncated_sources=stats.source_truncated,
         )  # fmt: skip
