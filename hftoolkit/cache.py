@@ -7,9 +7,9 @@ datasets (.txt files, mixtures), keys local files on their path and modification
 two run directories never match), and says nothing about whether it hit.
 
 Layout: ROOT/<key>/{dataset/ (save_to_disk), stats.json, key.json (the key's parts, readable)}, and ROOT/builds.log
-(a line per build: when, key, host:pid). An entry is built
-in ROOT/.tmp-<key>-<host>-<pid>/ and renamed into place, so a killed build leaves no half entry and two builders
-of one key (two nodes, preprocess beside a run) end with one entry.
+(a line per build: when, key, host:pid). An entry is built in ROOT/.tmp-<key>-<host>-<pid>/ and renamed into place,
+so a killed build leaves no half entry and two builders of one key (two nodes, preprocess beside a run) end with
+one entry.
 """
 
 from __future__ import annotations
