@@ -70,6 +70,14 @@ def _add_recipe_commands(sub) -> None:
         help="throughput for the time estimate (default: a previous run's in output_dir)",
     )
 
+    p = sub.add_parser("preprocess", help="tokenize a recipe's data into the tokenize-once cache, ahead of training",
+                       description="Load and tokenize the recipe's splits exactly as `train` would (tokenizer, "
+                       "template, max_seq_len, packing; no model weights) into the tokenize-once cache, e.g. on a "
+                       "CPU box before the GPU job; prints each entry's location and size. train, plan and eval of "
+                       "the same recipe then load it instead of tokenizing. Workers: "
+                       "data.preprocessing_num_workers=N; location: data.cache_dir or $HFTOOLKIT_CACHE.")  # fmt: skip
+    _recipe_args(p)
+
 
 def _add_model_commands(sub) -> None:
     """generate, init-model: a model folder in or out."""
@@ -167,7 +175,7 @@ def dispatch(args) -> int:
             raise UserError(f"--limit: must be ≥ 1, got {args.limit}")
         run_suites(args.suite, args.recipe, args.limit, args.overrides, args.output_dir)
         return 0
-    if args.command in ("train", "eval", "plan"):
+    if args.command in ("train", "eval", "plan", "preprocess"):
         from hftoolkit.config import load_recipe
         from hftoolkit.recipes import resolve_recipe_path
 
@@ -176,6 +184,10 @@ def dispatch(args) -> int:
             from hftoolkit.train import train
 
             train(recipe)
+        elif args.command == "preprocess":
+            from hftoolkit.preprocess import preprocess
+
+            preprocess(recipe)
         elif args.command == "eval":
             from hftoolkit.train import evaluate_only
 

@@ -188,7 +188,14 @@ class DataConfig:
     max_bad_rows_share: float = 0.05
     """With bad_rows=drop, the largest share of a split that may be dropped before it is an error (0.05 = 5 %)."""
     preprocessing_num_workers: int | None = None
-    """Processes for datasets.map."""
+    """Processes that tokenize (datasets.map num_proc; null = 1); the examples do not depend on it."""
+    cache_tokenized: bool = True
+    """Keep tokenized splits in the tokenize-once cache (reused by later runs, other ranks, plan, eval)."""
+    cache_dir: str | None = None
+    """Where that cache lives (default: $HFTOOLKIT_CACHE, else HF_DATASETS_CACHE/hftoolkit-tokenized)."""
+    sample_by: Literal["paragraph", "line", "document"] = "paragraph"
+    """.txt files: one example per paragraph (lines separated by blank or whitespace-only lines), per non-blank
+    line, or per file."""
     sources: list[SourceConfig] | None = None
     """A weighted mixture instead of one dataset: [{dataset_name | train_file, split, weight, column keys}, ...],
     interleaved with the recipe seed (see README "Mixtures and eval sets")."""
@@ -585,6 +592,15 @@ def _check_data(d: DataConfig) -> None:
         _need(value is None or value >= 1, f"data.{name}: must be ≥ 1 or null")
     _need(0 < d.validation_split_percentage < 100, "data.validation_split_percentage: must be in (0, 100)")
     _need(0 <= d.max_bad_rows_share <= 1, "data.max_bad_rows_share: must be in [0, 1] (0.05 = 5 %)")
+    _need(
+        d.preprocessing_num_workers is None or d.preprocessing_num_workers >= 1,
+        "data.preprocessing_num_workers: must be ≥ 1 or null",
+    )
+    files = [f for f in (d.train_file, d.validation_file) if f is not None]
+    _need(
+        d.sample_by == "paragraph" or (files and all(f.endswith(".txt") for f in files)),
+        f"data.sample_by: {d.sample_by} applies to .txt files only; remove it or use a .txt data.train_file",
+    )
     if d.sources is not None or d.eval_sets is not None:
         from hftoolkit.mixture import check_mixture_config
 
@@ -623,6 +639,11 @@ def _check_streaming(r: Recipe) -> None:
         d.sources is None,
         "data.streaming: data.sources mixtures are not streamed; set data.streaming=false, or mix the sources into "
         "one file",
+    )
+    _need(
+        d.sample_by == "paragraph",
+        f"data.streaming: a stream reads .txt files by paragraph; remove data.sample_by={d.sample_by}, or set "
+        "data.streaming=false",
     )
 
 

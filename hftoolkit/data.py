@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import random
-import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,26 +91,44 @@ def _load_files(data_cfg):
         raise UserError(f"data.train_file/validation_file: mixed formats {sorted(builders)}; use one format")
     builder = builders.pop()
     if builder == "text":
-        return _load_paragraphs(files)
+        return _load_paragraphs(files, data_cfg.sample_by)
     try:
         return load_dataset(builder, data_files=files)
     except Exception as e:  # datasets wraps parser errors in several types
         raise UserError(f"data: cannot read {', '.join(files.values())} as {builder} ({_short(e)})") from None
 
 
-def _load_paragraphs(files: dict[str, str]):
-    """.txt files, one example per paragraph: a line is too short a document once position ids restart and
-    attention is blocked at every document boundary. Paragraphs are separated by one or more lines that hold nothing
-    or only whitespace (datasets' paragraph mode needs exactly "\n\n", and reads a corpus whose blank lines carry
-    spaces as one example)."""
+def _load_paragraphs(files: dict[str, str], sample_by: str = "paragraph"):
+    """.txt files, by default one example per paragraph: a line is too short a document once position ids restart
+    and attention is blocked at every document boundary. Paragraphs are separated by one or more lines that hold
+    nothing or only whitespace (WikiText's " \n" lines; datasets' paragraph mode needs exactly "\n\n", and reads a
+    corpus whose blank lines carry spaces as one example). sample_by=line: one example per non-blank line;
+    document: the whole file is one example."""
     from datasets import Dataset, DatasetDict
 
     splits = {}
     for split, path in files.items():
         text = Path(path).read_text(encoding="utf-8")
-        paragraphs = [p.strip("\n") for p in re.split(r"\n(?:[^\S\n]*\n)+", text)]
-        splits[split] = Dataset.from_dict({"text": [p for p in paragraphs if p.strip()]})
+        splits[split] = Dataset.from_dict({"text": split_text(text, sample_by)})
     return DatasetDict(splits)
+
+
+def split_text(text: str, sample_by: str) -> list[str]:
+    """The examples of a .txt file's text (see _load_paragraphs); lines keep their own spaces, not their newline."""
+    if sample_by == "document":
+        return [text.strip("\n")] if text.strip() else []
+    lines = text.split("\n")
+    if sample_by == "line":
+        return [line for line in lines if line.strip()]
+    # A paragraph: a run of lines with text (a file may start with WikiText's " \n" line too).
+    paragraphs, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    return paragraphs + (["\n".join(current)] if current else [])
 
 
 def _short(e: BaseException) -> str:
@@ -263,9 +281,10 @@ class Stats:
     dropped: int = 0  # not trained on: the template alone does not fit in max_seq_len
     prompt_lengths: list[int] = field(default_factory=list)
     target_lengths: list[int] = field(default_factory=list)
+    cache: object = None  # hftoolkit.cache.CacheInfo: hit, built or off, where, how long
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not isinstance(v, list)}
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, list) and k != "cache"}
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -330,8 +349,18 @@ def encode_supervised(task, template, tokenizer, rows: list[dict], data_cfg, max
 def encode_documents(task, tokenizer, rows: list[dict], data_cfg, max_len: int, packing: bool) -> list[dict]:
     """Generation: documents + EOS. Packed: one stream cut into max_len blocks with position ids restarting at
     every document (so documents never attend to each other). Unpacked: each document in max_len chunks."""
+    return blocks_from_documents(document_ids(task, tokenizer, rows, data_cfg), max_len, packing)
+
+
+def document_ids(task, tokenizer, rows: list[dict], data_cfg) -> list[list[int]]:
+    """Each row's document + EOS, [] for an empty document (kept, so rows and results stay aligned)."""
     eos = tokenizer.eos_token_id
-    docs = [d + [eos] for d in _ids(tokenizer, [task.target(r, data_cfg) for r in rows]) if d]
+    return [d + [eos] if d else [] for d in _ids(tokenizer, [task.target(r, data_cfg) for r in rows])]
+
+
+def blocks_from_documents(documents: list[list[int]], max_len: int, packing: bool) -> list[dict]:
+    """Training examples from tokenized documents (see encode_documents); empty documents are skipped."""
+    docs = [d for d in documents if d]
     stat = {"prompt_len": 0, "source_truncated": False, "dropped": False}
     out = []
     if not packing:
@@ -370,37 +399,106 @@ def tokenization_code_digest() -> str:
 
 
 def tokenize_split(task, tokenizer, ds, data_cfg, max_len: int, packing: bool):
-    """Tokenize a raw split with datasets.map (batched, cached) into training examples; returns (dataset, Stats).
+    """Tokenize a raw split into training examples, through the tokenize-once cache (hftoolkit.cache): a hit loads
+    the saved examples; a miss encodes with data.preprocessing_num_workers processes and saves them. Returns
+    (dataset, Stats), with Stats.cache saying which happened and where."""
+    from hftoolkit import cache
 
-    Generation packing turns N documents into M blocks, so the batched map returns a different row count.
-    Per-example truncation flags are columns (they survive the cache), summed into Stats afterwards.
+    timer = cache.Timer()
+    # A process per 1000-row batch at most: a small eval split is not worth starting processes for.
+    workers = min(data_cfg.preprocessing_num_workers or 1, -(-len(ds) // 1000))
+    if not data_cfg.cache_tokenized:
+        encoded, stats = _encode_split(task, tokenizer, ds, data_cfg, max_len, packing, workers, None)
+        stats.cache = cache.CacheInfo("off", None, timer.seconds(), workers)
+        return encoded, stats
+    parts = cache.key_parts(task, tokenizer, ds, data_cfg, max_len, packing, tokenization_code_digest())
+    root, key = cache.cache_root(data_cfg), cache.key_of(parts)
+    found, status = cache.lookup(root, key, parts), "hit"
+    if found is None:
+        status, work = "built", cache.new_build_dir(root, key)
+        try:
+            encoded, stats = _encode_split(task, tokenizer, ds, data_cfg, max_len, packing, workers, work)
+            found = cache.publish(work, root, key, encoded, {**stats.__dict__, "cache": None}, parts)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    dataset, saved = found
+    stats = Stats(**{**saved, "cache": cache.CacheInfo(status, root / key, timer.seconds(), workers)})
+    return dataset, stats
+
+
+def _example_columns(examples: list[dict], position_ids: bool) -> dict:
+    keys = ["input_ids", "labels", *(["position_ids"] if position_ids else []), *STAT_COLUMNS]
+    return {k: [e[k] for e in examples] for k in keys}
+
+
+def _example_features(position_ids: bool):
+    """int32 token ids (half of datasets' default int64 on disk and in the cache), bool flags."""
+    from datasets import Features, List, Value
+
+    ids = List(Value("int32"))
+    flags = {k: Value("bool") for k in ("source_truncated", "target_truncated", "dropped")}
+    return Features(
+        {"input_ids": ids, "labels": ids, **({"position_ids": ids} if position_ids else {}),
+         "prompt_len": Value("int32"), "target_len": Value("int32"), **flags}
+    )  # fmt: skip
+
+
+def _encode_split(
+    task, tokenizer, ds, data_cfg, max_len: int, packing: bool, workers: int, work: Path | None
+):
+    """datasets.map over batches of 1000 rows with `workers` processes; map's files go to `work` (the cache
+    entry being built), or to datasets' own cache when the tokenize-once cache is off.
+
+    Generation packing turns N documents into M blocks, so the batched map returns a different row count. Blocks
+    are cut from each batch's token stream, so the packing is a second, single-process pass over the tokenized
+    documents: the worker count changes where a worker's shard starts, and must not change the examples.
+    Per-example truncation flags are columns, summed into Stats afterwards.
     """
+    from datasets import Features, List, Value
+
     template = task.template(data_cfg)
     documents = task.tokenization == "documents"
+    packed = documents and packing
 
     def encode(batch: dict) -> dict:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        if packed:
+            return {"document": document_ids(task, tokenizer, rows, data_cfg)}
         if documents:
             examples = encode_documents(task, tokenizer, rows, data_cfg, max_len, packing)
         else:
             examples = encode_supervised(task, template, tokenizer, rows, data_cfg, max_len)
-        keys = [
-            "input_ids",
-            "labels",
-            *(["position_ids"] if (documents and packing) else []),
-            *STAT_COLUMNS,
-        ]
-        return {k: [e[k] for e in examples] for k in keys}
+        return _example_columns(examples, position_ids=False)
+
+    def pack(batch: dict) -> dict:
+        return _example_columns(blocks_from_documents(batch["document"], max_len, True), position_ids=True)
+
+    def files(name: str) -> dict:
+        if work is None:
+            # datasets keys its cache on a hash of `encode`, which names the module functions it calls without
+            # their code: an edited or upgraded hftoolkit would reuse stale tokenization of the same file.
+            return {"new_fingerprint": Hasher.hash([ds._fingerprint, name, Hasher.hash(encode), digest])}
+        # The entry's key already covers everything (and datasets' own hash of `encode` pickles the whole
+        # tokenizer: seconds for GPT-2's).
+        (work / "map").mkdir(exist_ok=True)
+        return {
+            "new_fingerprint": f"{work.name}-{name}",
+            "cache_file_name": str(work / "map" / f"{name}.arrow"),
+        }
 
     from datasets.fingerprint import Hasher
 
-    # datasets keys its cache on a hash of `encode`, which names the module functions it calls without their code:
-    # an edited or upgraded hftoolkit would reuse stale tokenization of the same file. The code goes into the key.
-    fingerprint = Hasher.hash([ds._fingerprint, Hasher.hash(encode), tokenization_code_digest()])
+    digest = tokenization_code_digest()
+    features = Features({"document": List(Value("int32"))}) if packed else _example_features(False)
     encoded = ds.map(
-        encode, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="tokenizing",
-        new_fingerprint=fingerprint,
+        encode, batched=True, batch_size=1000, remove_columns=ds.column_names, features=features,
+        num_proc=workers if workers > 1 else None, desc="tokenizing", **files("tokens"),
     )  # fmt: skip
+    if packed:
+        encoded = encoded.map(
+            pack, batched=True, batch_size=1000, remove_columns=["document"], features=_example_features(True),
+            desc="packing", **files("blocks"),
+        )  # fmt: skip
     cols = encoded.select_columns(list(STAT_COLUMNS)).to_dict()
     stats = Stats(
         examples=len(ds),

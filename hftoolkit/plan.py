@@ -113,6 +113,7 @@ def plan(
         print(f"  --- example {i} ({len(train_ds[i]['input_ids'])} tokens)")
         print("  " + render_example(tokenizer, train_ds[i], color).replace("\n", "\n  "))
     _print_lengths(task, stats, len(train_raw), data_cfg.max_seq_len)
+    print(f"  {stats.cache.describe()}")
     _print_sources(recipe, splits)
     for split, counts in bad_rows.items():
         shown = ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "none"

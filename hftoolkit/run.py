@@ -435,7 +435,10 @@ def build_train_loaders(run: Run, splits: dict) -> None:
         "split": data_cfg.validation_split if data_cfg.dataset_name else "validation",
         "num_examples": len(eval_raw),
     }
-    with acc.main_process_first():
+    # Rank 0 tokenizes (or finds the tokenize-once cache); the others then hit the entry it saved. The local main
+    # process of every other node goes next, so a node without the shared folder builds once, not once per rank.
+    train_stats = None  # a stream is tokenized as it is read
+    with acc.main_process_first(), acc.local_main_process_first():
         if "train" in splits and not data_cfg.streaming:
             train_ds, train_stats = tokenize_split(
                 run.task, tok, splits["train"], data_cfg, data_cfg.max_seq_len, run.packing
@@ -443,6 +446,9 @@ def build_train_loaders(run: Run, splits: dict) -> None:
         eval_ds, eval_stats = tokenize_split(
             run.task, tok, eval_raw, data_cfg, data_cfg.max_seq_len, run.packing
         )
+    for split, stats in (("train", train_stats), ("eval", eval_stats)):
+        if stats is not None:
+            acc.print(f"data ({split}): {stats.cache.describe()}")
     eval_batch = recipe.eval.per_device_eval_batch_size
     run.eval_loader = acc.prepare_data_loader(build_eval_loader(eval_ds, eval_batch, tok.pad_token_id))
     run.data_stats = {"eval": eval_stats.as_dict()}

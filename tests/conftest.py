@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # One intra-op thread per process, set before torch is imported: the test models are tiny (threads only add
 # overhead), and the 2-process tests put two ranks on two cores, where 2 OpenMP threads each spin-wait for a
@@ -11,9 +14,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenize-once cache of this test session (and of the processes its tests launch), never ~/.cache.
+if "HFTOOLKIT_CACHE" not in os.environ:
+    os.environ["HFTOOLKIT_CACHE"] = tempfile.mkdtemp(prefix="hftoolkit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["HFTOOLKIT_CACHE"], True)
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -79,6 +79,10 @@ MIX_SHARES = "tests/test_mixture.py::test_weights_3_to_1_realise_75_25_in_the_sa
 MIX_COLUMNS = "tests/test_mixture.py::test_each_source_reaches_the_task_fields_through_its_own_columns"
 STREAM_RESUME = "tests/test_streaming.py::test_resumed_stream_trains_like_the_straight_run"
 STREAM_RANGES = "tests/test_streaming.py::test_byte_ranges_read_every_row_once"
+CACHE_TEMPLATE = "tests/test_cache.py::test_a_changed_template_misses"
+CACHE_TOKENIZER = "tests/test_cache.py::test_a_changed_tokenizer_misses_even_under_the_same_name"
+CACHE_CONTENT = "tests/test_cache.py::test_preprocess_misses_when_the_data_file_changes"
+CACHE_WORKERS = "tests/test_cache.py::test_the_worker_count_does_not_change_packed_documents"
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,16 @@ MUTANTS = [
     M("paragraph-range-misses-continuation", "hftoolkit/streaming.py",
       "prev_blank = _previous_line_blank(f, pos)", "prev_blank = True",
       (STREAM_RANGES,)),
+    # -- the tokenize-once cache: a stale entry would train on the wrong examples without a word
+    M("cache-key-ignores-the-template", "hftoolkit/cache.py",
+      '"template": dataclasses.asdict(template),', '"template": None,', (CACHE_TEMPLATE,)),
+    M("cache-key-is-the-tokenizer-name", "hftoolkit/cache.py",
+      '"tokenizer": tokenizer_fingerprint(tokenizer),', '"tokenizer": getattr(tokenizer, "name_or_path", ""),',
+      (CACHE_TOKENIZER,)),
+    M("cache-key-ignores-the-content", "hftoolkit/cache.py",
+      '"raw_content": content_fingerprint(ds),', '"raw_content": len(ds),', (CACHE_CONTENT,)),
+    M("documents-packed-per-worker-shard", "hftoolkit/data.py",
+      "packed = documents and packing", "packed = False", (CACHE_WORKERS,)),
 ]  # fmt: skip
 
 # A failure that says the copy could not be imported or compiled is not a kill: the test never ran the mutant.

@@ -254,6 +254,19 @@ def case_tokenizer_without_eos(tmp_path, cli, monkeypatch):
     )
 
 
+def case_sample_by_not_text(tmp_path, cli, monkeypatch):
+    return error_lines(
+        cli("plan", QA, *qa_files(tmp_path, json.dumps(SQUAD_ROW) + "\n"), "data.sample_by=line")
+    )
+
+
+def case_cache_dir_not_writable(tmp_path, cli, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    return error_lines(
+        cli("preprocess", QA, *tiny_overrides(tmp_path / "o"), f"data.cache_dir={tmp_path}/a-file/c")
+    )
+
+
 def case_context_exceeded(tmp_path, cli, monkeypatch):
     overrides = [*tiny_overrides(tmp_path / "o"), "model.init.n_positions=1024", "data.max_seq_len=4096"]
     return error_lines(cli("train", QA, *overrides))
@@ -425,11 +438,17 @@ def case_streaming_without_max_steps(tmp_path, cli, monkeypatch):
 def case_streaming_cannot_honour(tmp_path, cli, monkeypatch):
     no_eval = qa_files(tmp_path, json.dumps(SQUAD_ROW) + "\n")
     train, _ = mixture_files(tmp_path)
+    (tmp_path / "t.txt").write_text("one line\n\nanother\n")
+    text_files = [f"data.train_file={tmp_path / 't.txt'}", f"data.validation_file={tmp_path / 't.txt'}"]
+    text_files.append("data.synthetic=null")
     mixture = f"data.sources=[{{train_file: {train}, weight: 1}}]"
     return (
         error_lines(cli("train", QA, *no_eval, *STREAM))
         + error_lines(cli("plan", QA, *STREAM, "data.max_train_samples=10"))
         + error_lines(cli("plan", SUM, *STREAM, mixture, "data.synthetic=null"))
+        + error_lines(
+            cli("plan", "recipes/quickstart/generation.yaml", *STREAM, *text_files, "data.sample_by=line")
+        )
     )
 
 
@@ -481,6 +500,8 @@ CASES = {
     "malformed JSON line / undecodable bytes": case_malformed_json_or_bytes,
     "empty dataset or split": case_empty_split,
     "missing column": case_missing_column,
+    "data.sample_by on a file that is not .txt": case_sample_by_not_text,
+    "tokenized cache folder not writable": case_cache_dir_not_writable,
     "rows with a null, missing, empty or whitespace-only field the task needs": case_unusable_rows,
     "the same with `data.bad_rows: error`": case_unusable_rows_error,
     "a split with no usable row": case_no_usable_row,
