@@ -65,6 +65,18 @@ def _check_text_file(path: Path, key: str) -> int:
     return rows
 
 
+def existing_data_file(value: str, key: str) -> Path:
+    """data.<key>'s file, which must exist and have an extension datasets can read."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"data.{key}: {value}: no such file")
+    if path.suffix not in EXTENSION_BUILDERS:
+        raise UserError(
+            f"data.{key}: {value}: unsupported extension '{path.suffix}' (use {', '.join(EXTENSION_BUILDERS)})"
+        )
+    return path
+
+
 def _load_files(data_cfg):
     from datasets import load_dataset
 
@@ -73,13 +85,7 @@ def _load_files(data_cfg):
         value = getattr(data_cfg, key)
         if value is None:
             continue
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise UserError(f"data.{key}: {value}: no such file")
-        if path.suffix not in EXTENSION_BUILDERS:
-            raise UserError(
-                f"data.{key}: {value}: unsupported extension '{path.suffix}' (use {', '.join(EXTENSION_BUILDERS)})"
-            )
+        path = existing_data_file(value, key)
         # datasets fails on a file without rows with an unrelated message (StopIteration, "no data"). A CSV's first
         # line is its header.
         if path.suffix in (".txt", ".json", ".jsonl", ".csv"):

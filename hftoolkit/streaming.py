@@ -40,6 +40,7 @@ from hftoolkit.data import (
     drop_bad_rows,
     encode_documents,
     encode_supervised,
+    existing_data_file,
     make_collate,
 )
 from hftoolkit.errors import UserError
@@ -198,13 +199,7 @@ class Source:
 
 
 def _local_file(value: str, key: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise UserError(f"data.{key}: {value}: no such file")
-    if path.suffix not in EXTENSION_BUILDERS:
-        raise UserError(
-            f"data.{key}: {value}: unsupported extension '{path.suffix}' (use {', '.join(EXTENSION_BUILDERS)})"
-        )
+    path = existing_data_file(value, key)
     if path.stat().st_size == 0:
         raise UserError(f"data: the train split is empty ({value} has no rows); check data.{key}")
     return path
