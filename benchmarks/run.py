@@ -287,15 +287,12 @@ class Clock:
         }
 
 
-def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str) -> dict:
-    """transformers.Trainer as a user sets it up for prompt-masked causal LM: DataCollatorForSeq2Seq pads
-    input_ids with the pad token and labels with -100, per batch, to the batch's longest example."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
+def step_recorder():
+    """A TrainerCallback that keeps per-step losses and the same clock as our side (the setup before step 1 is
+    left out too). Used by the Trainer and the TRL side alike."""
+    from transformers import TrainerCallback
 
     class Record(TrainerCallback):
-        """Per-step losses, and the same clock as our side (Trainer's setup before step 1 is left out too)."""
-
         def __init__(self):
             self.losses, self.clock = [], None
 
@@ -309,8 +306,13 @@ def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], outpu
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
+    return Record()
+
+
+def trainer_arguments(recipe, output_dir: str) -> dict:
+    """The TrainingArguments both baselines share: our batch, optimizer settings, schedule and clipping."""
     cfg = recipe.train
-    args = TrainingArguments(
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=1,
@@ -332,32 +334,91 @@ def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], outpu
         save_strategy="no",
         report_to="none",
         seed=recipe.seed,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    record = Record()
+
+
+def baseline_result(trainer, record, train_ds, order: list[int], batch: int, computed: int | None = None) -> dict:
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # no per-step log lines on stdout
+    trainer.train()
+    lengths = [len(train_ds[i]["input_ids"]) for i in order]
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    return record.clock.result() | {
+        "steps": trainer.state.global_step,
+        "losses": record.losses,
+        "computed_tokens": computed if computed is not None else padded_tokens(lengths, batch),
+        "real_tokens": sum(lengths),
+        "optimizer": type(opt).__name__ + f"(fused={trainer.args.optim == 'adamw_torch_fused'})",
+    }
+
+
+def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str) -> dict:
+    """transformers.Trainer as a user sets it up for prompt-masked causal LM: DataCollatorForSeq2Seq pads
+    input_ids with the pad token and labels with -100, per batch, to the batch's longest example."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    record = step_recorder()
     trainer = Trainer(
         model=model,
-        args=args,
+        args=TrainingArguments(**trainer_arguments(recipe, output_dir)),
         train_dataset=train_ds.select(order),
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
         processing_class=tokenizer,
         callbacks=[record],
     )
-    trainer.remove_callback(PrinterCallback)  # no per-step log lines on stdout
-    trainer.train()
-    lengths = [len(train_ds[i]["input_ids"]) for i in order]
-    return record.clock.result() | {
-        "steps": trainer.state.global_step,
-        "losses": record.losses,
-        "computed_tokens": padded_tokens(lengths, cfg.per_device_train_batch_size),
-        "real_tokens": sum(lengths),
-        "optimizer": type(
-            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-        ).__name__
-        + f"(fused={trainer.args.optim == 'adamw_torch_fused'})",
-    }
+    return baseline_result(trainer, record, train_ds, order, recipe.train.per_device_train_batch_size)
+
+
+def trl_version() -> str | None:
+    try:
+        import trl
+    except ImportError:
+        return None
+    return trl.__version__
+
+
+def prompt_completion_dataset(train_ds, order: list[int]):
+    """Our tokenized examples as TRL's pre-tokenized prompt-completion data: input_ids plus completion_mask (1 on
+    the completion: where our labels are targets), in our sampler's order. TRL turns the mask into labels itself
+    (completion_only_loss), so both sides train on the same tokens and targets."""
+    from datasets import Dataset
+
+    rows = train_ds.select(order)
+    return Dataset.from_dict(
+        {
+            "input_ids": rows["input_ids"],
+            "completion_mask": [[int(t != -100) for t in labels] for labels in rows["labels"]],
+        }
+    )
+
+
+def train_trl(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str) -> dict:
+    """TRL's SFTTrainer as its docs set up prompt-completion SFT: completion_only_loss, no packing and no
+    padding_free (both documented for FlashAttention only; see trl_packing_check for what they do to GPT-2 with
+    SDPA), so each batch is right-padded to its longest example. Its default fused LM head scores target positions
+    only, like ours."""
+    from trl import SFTConfig, SFTTrainer
+
+    record = step_recorder()
+    args = SFTConfig(
+        **trainer_arguments(recipe, output_dir),
+        completion_only_loss=True,
+        max_length=recipe.data.max_seq_len,
+        packing=False,
+        padding_free=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prompt_completion_dataset(train_ds, order),
+        processing_class=tokenizer,
+        callbacks=[record],
+    )
+    return baseline_result(trainer, record, train_ds, order, recipe.train.per_device_train_batch_size)
 
 
 def summarize_side(result: dict, n_timed: int) -> dict:
@@ -390,7 +451,7 @@ def combine_runs(runs: list[dict]) -> dict:
     }
 
 
-def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Path, ours_first: bool):
+def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Path, shift: int):
     """(a) for one dataset → (figures, the model hftoolkit's last run trained)."""
     from hftoolkit.data import build_train_loader
 
@@ -401,17 +462,18 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
     pad, row_len = tokenizer.pad_token_id, recipe.data.max_seq_len
     order = list(build_train_loader(train_ds, batch, recipe.seed, True, pad, row_len).sampler)
 
+    baselines = {"hf_trainer": train_hf_trainer} | ({"trl": train_trl} if trl_version() else {})
+
     def run(side: str) -> dict:
         model = new_model(recipe, task)
-        if side == "hf_trainer":
-            return train_hf_trainer(
-                recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-hf")
-            )
+        if side in baselines:
+            return baselines[side](recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-{side}"))
         return train_hftoolkit(recipe, model, train_ds, tokenizer)
 
-    # A B B A (or B A A B): both sides see the same drift in the machine's load; which goes first alternates
+    # A B C C B A (or rotated): every side sees the same drift in the machine's load; which goes first rotates
     # across datasets.
-    sides = ["hftoolkit", "hf_trainer"] if ours_first else ["hf_trainer", "hftoolkit"]
+    sides = ["hftoolkit", *baselines]
+    sides = sides[shift % len(sides) :] + sides[: shift % len(sides)]
     sequence = [
         side for r in range(settings["train_repeats"]) for side in (sides if r % 2 == 0 else sides[::-1])
     ]
@@ -419,11 +481,10 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
     for side in sequence:
         runs.setdefault(side, []).append(run(side))
     results = {side: combine_runs(rs) for side, rs in runs.items()}
-    ours, hf = results["hftoolkit"], results["hf_trainer"]
+    ours = results["hftoolkit"]
     n = len(train_ds)
     n_timed = n - min(batch, n)  # the first batch is full (drop_last=False only shortens the last one)
-    a, b = summarize_side(ours, n_timed), summarize_side(hf, n_timed)
-    per_step_rel = [abs(x - y) / y for x, y in zip(ours["losses"], hf["losses"], strict=True)]
+    a = summarize_side(ours, n_timed)
     out = {
         "task": bench.task,
         "examples": n,
@@ -432,23 +493,31 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
         "example_tokens": {"mean": statistics.fmean(lengths), "min": min(lengths), "max": max(lengths)},
         "truncated_sources": stats.source_truncated,
         "hftoolkit": a | {"run_seconds": ours["run_seconds"]},
-        "hf_trainer": b | {"run_seconds": hf["run_seconds"], "optimizer": hf["optimizer"]},
-        "speedup": a["examples_per_s"] / b["examples_per_s"],
-        "speedup_cpu_time": a["examples_per_cpu_s"] / b["examples_per_cpu_s"],
-        # Both sides run the same batches in the same order: step i is the same work on each side but for padding.
-        "speedup_median_step_ratio": statistics.median(
-            h / o for o, h in zip(ours["step_seconds"], hf["step_seconds"], strict=True)
-        ),
-        "final_loss_ratio": a["final_loss"] / b["final_loss"],
-        "per_step_loss_max_rel_diff": max(per_step_rel),
     }
-    line = (
-        f"[train {bench.name}] hftoolkit {a['examples_per_s']:.2f} ex/s (padding {a['padding_fraction']:.1%}) | "
-        f"Trainer {b['examples_per_s']:.2f} ex/s (padding {b['padding_fraction']:.1%}) | "
-        f"speedup {out['speedup']:.2f}x (CPU time {out['speedup_cpu_time']:.2f}x, median step "
-        f"{out['speedup_median_step_ratio']:.2f}x) | final loss {a['final_loss']:.4f} vs {b['final_loss']:.4f} "
-        f"(ratio {out['final_loss_ratio']:.4f}, max per-step diff {out['per_step_loss_max_rel_diff']:.2%})"
-    )
+    line = f"[train {bench.name}] hftoolkit {a['examples_per_s']:.2f} ex/s (padding {a['padding_fraction']:.1%})"
+    for side in baselines:
+        other = results[side]
+        b = summarize_side(other, n_timed)
+        per_step_rel = [abs(x - y) / y for x, y in zip(ours["losses"], other["losses"], strict=True)]
+        suffix = "" if side == "hf_trainer" else f"_vs_{side}"  # the Trainer keys keep their names
+        out[side] = b | {"run_seconds": other["run_seconds"], "optimizer": other["optimizer"]}
+        out |= {
+            f"speedup{suffix}": a["examples_per_s"] / b["examples_per_s"],
+            f"speedup_cpu_time{suffix}": a["examples_per_cpu_s"] / b["examples_per_cpu_s"],
+            # Both sides run the same batches in the same order: step i is the same work on each side but for
+            # padding.
+            f"speedup_median_step_ratio{suffix}": statistics.median(
+                h / o for o, h in zip(ours["step_seconds"], other["step_seconds"], strict=True)
+            ),
+            f"final_loss_ratio{suffix}": a["final_loss"] / b["final_loss"],
+            f"per_step_loss_max_rel_diff{suffix}": max(per_step_rel),
+        }
+        line += (
+            f" | {side} {b['examples_per_s']:.2f} ex/s (padding {b['padding_fraction']:.1%}): speedup "
+            f"{out[f'speedup{suffix}']:.2f}x (CPU time {out[f'speedup_cpu_time{suffix}']:.2f}x), final loss "
+            f"{a['final_loss']:.4f} vs {b['final_loss']:.4f} (max per-step diff "
+            f"{out[f'per_step_loss_max_rel_diff{suffix}']:.2%})"
+        )
     print(line, flush=True)
     return out, ours["model"]
 
@@ -1054,6 +1123,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "code": code_version(),
     }
+    report["machine"]["trl"] = trl_version()
+    if report["machine"]["trl"] is None and "train" not in args.skip:
+        print("skipping the TRL baseline: trl is not installed (pip install -e '.[bench]')", flush=True)
     benches = load_benches(settings)
     train_results, eval_results = {}, {}
     with tempfile.TemporaryDirectory(prefix="hftoolkit-bench-") as tmp:
@@ -1061,9 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
             prepared = tokenize_bench(bench, settings, tokenizer, Path(tmp))
             model = None
             if "train" not in args.skip:
-                train_results[bench.name], model = bench_training(
-                    bench, prepared, settings, Path(tmp), k % 2 == 0
-                )
+                train_results[bench.name], model = bench_training(bench, prepared, settings, Path(tmp), k)
                 if k == 0:
                     report["train_diagnostics"] = {"dataset": bench.name} | diagnose_training(prepared)
             if "eval" not in args.skip:
@@ -1083,6 +1153,11 @@ def main(argv: list[str] | None = None) -> int:
         report["train_final_loss_ratio"] = max(
             (r["final_loss_ratio"] for r in train_results.values()), key=lambda x: abs(math.log(x))
         )
+        if all("speedup_vs_trl" in r for r in train_results.values()):
+            report["train_speedup_vs_trl"] = geomean([r["speedup_vs_trl"] for r in train_results.values()])
+            report["train_final_loss_ratio_vs_trl"] = max(
+                (r["final_loss_ratio_vs_trl"] for r in train_results.values()), key=lambda x: abs(math.log(x))
+            )
     if eval_results:
         report["eval"] = eval_results
         report["eval_speedup_vs_examples_loop"] = geomean([r["speedup"] for r in eval_results.values()])
@@ -1099,6 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in (
             "train_speedup_vs_hf_trainer",
             "train_final_loss_ratio",
+            "train_speedup_vs_trl",
+            "train_final_loss_ratio_vs_trl",
             "eval_speedup_vs_examples_loop",
             "eval_predictions_identical",
             "cpu_mfu_vs_matmul_peak",
