@@ -31,12 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON written (default gpu_check.json)")
+    p.add_argument(
+        "--out", type=Path, default=Path("gpu_check.json"), help="the JSON written (default gpu_check.json)"
+    )
     p.add_argument("--batch", type=int, default=16, help="training rows per step (halved until it fits)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training row (≤ 1024)")
     p.add_argument("--steps", type=int, default=60, help="timed training steps per setting")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "e2e"], help="parts to leave out")
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["train", "eval", "e2e"], help="parts to leave out"
+    )
     return p.parse_args(argv)
 
 
@@ -102,7 +106,9 @@ def train_throughput(compile_model: bool, batch: int, args, workdir: str) -> dic
     def steps(n: int):
         loss = None
         for _ in range(n):
-            loss, _ = optimizer_step(acc, model, [data], optimizer, scheduler, cfg.max_grad_norm, targets_only)
+            loss, _ = optimizer_step(
+                acc, model, [data], optimizer, scheduler, cfg.max_grad_norm, targets_only
+            )
         torch.cuda.synchronize()
         return loss
 
@@ -146,7 +152,9 @@ def train_part(args) -> dict:
         while True:
             try:
                 with tempfile.TemporaryDirectory(prefix="hftoolkit-gpu-") as tmp:
-                    out["compiled" if compile_model else "eager"] = train_throughput(compile_model, batch, args, tmp)
+                    out["compiled" if compile_model else "eager"] = train_throughput(
+                        compile_model, batch, args, tmp
+                    )
                 break
             except torch.cuda.OutOfMemoryError:
                 if batch == 1:
@@ -167,7 +175,10 @@ def eval_part(workdir: Path) -> dict:
         return {"error": proc.stderr[-2000:], "returncode": proc.returncode}
     report = json.loads(path.read_text())
     keys = [k for k in report if k.startswith("eval")]
-    return {k: report[k] for k in keys} | {"machine": report["machine"], "wall_seconds": report["wall_seconds"]}
+    return {k: report[k] for k in keys} | {
+        "machine": report["machine"],
+        "wall_seconds": report["wall_seconds"],
+    }
 
 
 def e2e_part(workdir: Path) -> dict:
@@ -185,7 +196,9 @@ def e2e_part(workdir: Path) -> dict:
     result = {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_seconds": wall}
     if proc.returncode != 0:
         return result | {"stderr_tail": proc.stderr[-2000:]}
-    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [
+        json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     train = [m for m in metrics if m.get("kind") == "train"]
     return result | {
         "evals": [m for m in metrics if m.get("kind") == "eval"],

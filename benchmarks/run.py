@@ -343,7 +343,9 @@ def trainer_arguments(recipe, output_dir: str) -> dict:
     )
 
 
-def baseline_result(trainer, record, train_ds, order: list[int], batch: int, computed: int | None = None) -> dict:
+def baseline_result(
+    trainer, record, train_ds, order: list[int], batch: int, computed: int | None = None
+) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # no per-step log lines on stdout
@@ -399,7 +401,9 @@ def prompt_completion_dataset(train_ds, order: list[int]):
     )
 
 
-def train_trl(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str, padding_free=False) -> dict:
+def train_trl(
+    recipe, model, train_ds, tokenizer, order: list[int], output_dir: str, padding_free=False
+) -> dict:
     """TRL's SFTTrainer as its docs set up prompt-completion SFT: completion_only_loss, no packing (it would
     change the examples per step, see trl_packing_check). Without padding_free each batch is right-padded to its
     longest example; with it, the batch's examples are laid end to end in one row with restarting position ids
@@ -411,7 +415,8 @@ def train_trl(recipe, model, train_ds, tokenizer, order: list[int], output_dir: 
     args = SFTConfig(
         **trainer_arguments(recipe, output_dir),
         completion_only_loss=True,
-        max_length=recipe.data.max_seq_len,
+        # Our examples are already cut to max_seq_len; TRL refuses a max_length it would not enforce (padding-free).
+        max_length=None if padding_free else recipe.data.max_seq_len,
         packing=False,
         padding_free=padding_free,
     )
@@ -424,7 +429,9 @@ def train_trl(recipe, model, train_ds, tokenizer, order: list[int], output_dir: 
     )
     lengths = [len(train_ds[i]["input_ids"]) for i in order]
     computed = sum(lengths) if padding_free else None  # one row per batch, no padding
-    return baseline_result(trainer, record, train_ds, order, recipe.train.per_device_train_batch_size, computed)
+    return baseline_result(
+        trainer, record, train_ds, order, recipe.train.per_device_train_batch_size, computed
+    )
 
 
 def train_trl_padding_free(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str) -> dict:
@@ -519,7 +526,9 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
     def run(side: str) -> dict:
         model = new_model(recipe, task)
         if side in baselines:
-            return baselines[side](recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-{side}"))
+            return baselines[side](
+                recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-{side}")
+            )
         return train_hftoolkit(recipe, model, train_ds, tokenizer)
 
     # A B C C B A (or rotated): every side sees the same drift in the machine's load; which goes first rotates
@@ -546,7 +555,9 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
         "truncated_sources": stats.source_truncated,
         "hftoolkit": a | {"run_seconds": ours["run_seconds"]},
     }
-    line = f"[train {bench.name}] hftoolkit {a['examples_per_s']:.2f} ex/s (padding {a['padding_fraction']:.1%})"
+    line = (
+        f"[train {bench.name}] hftoolkit {a['examples_per_s']:.2f} ex/s (padding {a['padding_fraction']:.1%})"
+    )
     for side in baselines:
         other = results[side]
         b = summarize_side(other, n_timed)
@@ -789,8 +800,8 @@ def generation_run(bench: Bench, prepared: Prepared, model):
 
 def train_until_it_stops(bench: Bench, prepared: Prepared, model, target: float, max_epochs: int):
     """More epochs of hftoolkit's step (untimed) until at least `target` of the eval completions end by
-    themselves (EOS or stop string), as a fine-tuned model's do, or max_epochs in all. The model arrives trained
-    for one epoch. Returns (model, epochs, stopped fraction per epoch)."""
+    themselves (EOS or stop string) after a non-empty prediction, as a fine-tuned model's do, or max_epochs in all.
+    The model arrives trained for one epoch. Returns (model, epochs, that fraction per epoch)."""
     from hftoolkit.evaluation import generate_predictions
 
     recipe, task, tokenizer, train_ds, _ = prepared
@@ -800,7 +811,8 @@ def train_until_it_stops(bench: Bench, prepared: Prepared, model, target: float,
         preds = generate_predictions(
             gen.accelerator, model, tokenizer, task, gen.gen_set, gen.gen_loaders["full"], gen.decoding
         )
-        history.append(sum(p["stopped"] for p in preds) / len(preds))
+        # Stopped with something said: a model that ends every completion at once (QA after one epoch) does not count.
+        history.append(sum(p["stopped"] and bool(p["prediction"].strip()) for p in preds) / len(preds))
         if history[-1] >= target or epoch == max_epochs:
             return model, epoch, history
         model = train_hftoolkit(recipe, model, train_ds, tokenizer, epoch)["model"]
@@ -1233,6 +1245,8 @@ def main(argv: list[str] | None = None) -> int:
                 train_results[bench.name], model = bench_training(bench, prepared, settings, Path(tmp), k)
                 if k == 0:
                     report["train_diagnostics"] = {"dataset": bench.name} | diagnose_training(prepared)
+                    if report["machine"]["trl"]:
+                        report["trl_packing_check"] = {"dataset": bench.name} | trl_packing_check(prepared)
             if "eval" not in args.skip:
                 worst_case[bench.name], eval_results[bench.name] = bench_eval_both_models(
                     bench, prepared, model, settings, k % 2 == 1
@@ -1261,7 +1275,9 @@ def main(argv: list[str] | None = None) -> int:
             r["hftoolkit"]["stopped_fraction"] for r in eval_results.values()
         )
         report["eval_worst_case"] = worst_case
-        report["eval_worst_case_speedup_vs_examples_loop"] = geomean([r["speedup"] for r in worst_case.values()])
+        report["eval_worst_case_speedup_vs_examples_loop"] = geomean(
+            [r["speedup"] for r in worst_case.values()]
+        )
         report["eval_worst_case_stopped_fraction"] = statistics.fmean(
             r["hftoolkit"]["stopped_fraction"] for r in worst_case.values()
         )

@@ -113,7 +113,9 @@ def can_decode_greedily(model, decoding: Decoding, synced_gpus: bool) -> bool:
     return "cache" in inspect.signature(type(hf).forward).parameters
 
 
-def greedy_decode(model, ids: torch.Tensor, mask: torch.Tensor, eos_ids, max_new_tokens: int) -> list[list[int]]:
+def greedy_decode(
+    model, ids: torch.Tensor, mask: torch.Tensor, eos_ids, max_new_tokens: int
+) -> list[list[int]]:
     """Greedy search over a left-padded batch, returning each row's new tokens up to and including its first EOS
     id: the tokens `model.generate(do_sample=False, num_beams=1)` produces, without its trailing padding.
 
@@ -134,7 +136,12 @@ def greedy_decode(model, ids: torch.Tensor, mask: torch.Tensor, eos_ids, max_new
     rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
     alive = list(range(ids.shape[0]))  # batch row → index into `rows`
     logits = hf(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
     ).logits
     position = positions[:, -1:] + 1
     for step in range(max_new_tokens):

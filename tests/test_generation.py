@@ -92,7 +92,9 @@ def test_greedy_decode_equals_generate_when_rows_finish_at_different_steps():
     from hftoolkit.generation import greedy_decode, left_pad
 
     model = tiny_gpt2(vocab_size=96, n_positions=128, seed=2).eval()
-    with torch.no_grad():  # larger weights than the default init: a random model that does not repeat one token
+    with (
+        torch.no_grad()
+    ):  # larger weights than the default init: a random model that does not repeat one token
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
@@ -100,7 +102,10 @@ def test_greedy_decode_equals_generate_when_rows_finish_at_different_steps():
     prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 3, 17, 9, 33, 1, 12, 25, 5, 38)]
     ids, mask = left_pad(prompts, 0, "cpu")
     free = _generate_reference(model, ids, mask, {0}, 24)
-    eos = {free[0][3], free[4][9]}  # tokens that end rows 0 and 4 (long prompts) early, and others here and there
+    eos = {
+        free[0][3],
+        free[4][9],
+    }  # tokens that end rows 0 and 4 (long prompts) early, and others here and there
     expected = _generate_reference(model, ids, mask, eos, 24)
     assert len({len(r) for r in expected}) >= 3 and max(map(len, expected)) == 24
     assert len(expected[0]) <= 4 and len(expected[4]) <= 10
@@ -117,7 +122,12 @@ def test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string(gpt2_token
     tok = gpt2_tokenizer
     tok.pad_token = tok.eos_token
     model = tiny_gpt2(vocab_size=50257, n_positions=128, seed=1).eval()
-    texts_in = ("Hello there", "A much longer prompt than the first one, with commas", "Hi", "Once upon a time")
+    texts_in = (
+        "Hello there",
+        "A much longer prompt than the first one, with commas",
+        "Hi",
+        "Once upon a time",
+    )
     prompts = [tok(t)["input_ids"] for t in texts_in]
     decoding = Decoding(max_new_tokens=12, stop_strings=("e",))
     assert can_decode_greedily(model, decoding, synced_gpus=False)
