@@ -141,7 +141,7 @@ def greedy_decode(
         position_ids=positions,
         cache=cache,
         use_cache=True,
-        logits_to_keep=1,
+        **last_logits(hf),
     ).logits
     position = positions[:, -1:] + 1
     for step in range(max_new_tokens):
@@ -165,6 +165,13 @@ def greedy_decode(
         ).logits
         position = position + 1
     return rows
+
+
+def last_logits(hf) -> dict:
+    """The prefill needs the logits of the last position only; most models can skip the others."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(hf).forward).parameters else {}
 
 
 def drop_padding_columns(cache, mask: torch.Tensor) -> torch.Tensor:
