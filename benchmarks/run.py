@@ -5,12 +5,14 @@ Usage: python benchmarks/run.py [--quick | --smoke] [--out FILE.json] [--skip tr
 a. training examples/s: hftoolkit's own setup and step, called from the library (make_accelerator,
    prepare_model, build_train_loader with the packing collator, build_optimizer, build_scheduler, then
    epoch_windows → optimizer_step) against transformers.Trainer with DataCollatorForSeq2Seq (dynamic padding,
-   label_pad_token_id=-100). Same model init, same tokenized examples in the same order, same batch, same
-   AdamW/lr/schedule/clipping, dropout 0, no eval.
+   label_pad_token_id=-100), and against TRL's SFTTrainer (pre-tokenized prompt-completion data,
+   completion_only_loss; padded, and padding-free) when trl is installed (the `bench` extra). Same model init,
+   same tokenized examples in the same order, same batch, same AdamW/lr/schedule/clipping, dropout 0, no eval.
 b. generation-based eval: the generation setup of a run (build_generation_eval: decoding, prompts, token-budget
    batches) and generate_predictions, against an examples-style loop (dataset order, left-padded batches,
    model.generate, cut at the stop string afterwards). Same model, same prompt token ids, same max_new_tokens,
-   greedy.
+   greedy. Twice: on the one-epoch model of (a), which rarely stops (the worst case), and on that model trained
+   on until its completions stop (the headline).
 c. CPU FLOP/s of a GPT-2-124M-shape training step against the fp32 matmul peak measured in the same run.
 
 Not part of the test suite. See benchmarks/README.md for what each number means and the last measured figures.
