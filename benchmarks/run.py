@@ -1,6 +1,6 @@
 """Side-by-side speed benchmarks: hftoolkit against what a user would otherwise run, on one machine, in one run.
 
-Usage: python benchmarks/run.py [--quick | --smoke] [--out FILE.json] [--skip train eval flops]
+Usage: python benchmarks/run.py [--quick | --smoke] [--out FILE.json] [--skip train eval flops] [--datasets ...]
 
 a. training examples/s: hftoolkit's own setup and step, called from the library (make_accelerator,
    prepare_model, build_train_loader with the packing collator, build_optimizer, build_scheduler, then
@@ -1202,6 +1202,12 @@ def main(argv: list[str] | None = None) -> int:
         "trains the model it evaluates, untimed, with hftoolkit's step only (no Trainer, no repeats). Skip "
         "train and eval to tokenize and train nothing",
     )
+    parser.add_argument(
+        "--datasets",
+        nargs="*",
+        choices=["scitldr", "multi30k", "qa"],
+        help="only these datasets (default: all three); the headline means are then over these",
+    )
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     settings = SETTINGS[mode]
@@ -1237,7 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"]["trl"] = trl_version()
     if report["machine"]["trl"] is None and "train" not in args.skip:
         print("skipping the TRL baseline: trl is not installed (pip install -e '.[bench]')", flush=True)
-    benches = load_benches(settings)
+    benches = [b for b in load_benches(settings) if not args.datasets or b.name in args.datasets]
     train_results, eval_results, worst_case = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="hftoolkit-bench-") as tmp:
         for k, bench in enumerate(benches if {"train", "eval"} - set(args.skip) else []):
