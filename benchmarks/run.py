@@ -1190,7 +1190,11 @@ def load_average() -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small settings: 7-8 min on 2 idle CPU cores")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small settings: 7-8 min on 2 idle CPU cores without TRL (TRL's CPU epochs add more)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny settings: check that every path runs")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument(
