@@ -1,16 +1,18 @@
 """Side-by-side speed benchmarks: hftoolkit against what a user would otherwise run, on one machine, in one run.
 
-Usage: python benchmarks/run.py [--quick | --smoke] [--out FILE.json] [--skip train eval flops]
+Usage: python benchmarks/run.py [--quick | --smoke] [--out FILE.json] [--skip train eval flops] [--datasets ...]
 
 a. training examples/s: hftoolkit's own setup and step, called from the library (make_accelerator,
    prepare_model, build_train_loader with the packing collator, build_optimizer, build_scheduler, then
    epoch_windows → optimizer_step) against transformers.Trainer with DataCollatorForSeq2Seq (dynamic padding,
-   label_pad_token_id=-100). Same model init, same tokenized examples in the same order, same batch, same
-   AdamW/lr/schedule/clipping, dropout 0, no eval.
+   label_pad_token_id=-100), and against TRL's SFTTrainer (pre-tokenized prompt-completion data,
+   completion_only_loss; padded, and padding-free) when trl is installed (the `bench` extra). Same model init,
+   same tokenized examples in the same order, same batch, same AdamW/lr/schedule/clipping, dropout 0, no eval.
 b. generation-based eval: the generation setup of a run (build_generation_eval: decoding, prompts, token-budget
    batches) and generate_predictions, against an examples-style loop (dataset order, left-padded batches,
    model.generate, cut at the stop string afterwards). Same model, same prompt token ids, same max_new_tokens,
-   greedy.
+   greedy. Twice: on the one-epoch model of (a), which rarely stops (the worst case), and on that model trained
+   on until its completions stop (the headline).
 c. CPU FLOP/s of a GPT-2-124M-shape training step against the fp32 matmul peak measured in the same run.
 
 Not part of the test suite. See benchmarks/README.md for what each number means and the last measured figures.
@@ -48,7 +50,8 @@ SETTINGS = {
         "batch_size": 8,
         "train_repeats": 1,
         "learning_rate": 1e-3,
-        "eval_model_epochs": 1,
+        "eval_stop_target": 0.9,
+        "eval_max_epochs": 2,
         "eval_prompts": 16,
         "eval_batch_size": 8,
         "eval_repeats": 1,
@@ -61,7 +64,8 @@ SETTINGS = {
         "batch_size": 16,
         "train_repeats": 2,
         "learning_rate": 2e-3,
-        "eval_model_epochs": 1,
+        "eval_stop_target": 0.9,
+        "eval_max_epochs": 8,
         "eval_prompts": 64,
         "eval_batch_size": 16,
         "eval_repeats": 3,
@@ -74,7 +78,8 @@ SETTINGS = {
         "batch_size": 16,
         "train_repeats": 2,
         "learning_rate": 5e-4,
-        "eval_model_epochs": 3,
+        "eval_stop_target": 0.9,
+        "eval_max_epochs": 8,
         "eval_prompts": 200,
         "eval_batch_size": 16,
         "eval_repeats": 3,
@@ -287,15 +292,12 @@ class Clock:
         }
 
 
-def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str) -> dict:
-    """transformers.Trainer as a user sets it up for prompt-masked causal LM: DataCollatorForSeq2Seq pads
-    input_ids with the pad token and labels with -100, per batch, to the batch's longest example."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
+def step_recorder():
+    """A TrainerCallback that keeps per-step losses and the same clock as our side (the setup before step 1 is
+    left out too). Used by the Trainer and the TRL side alike."""
+    from transformers import TrainerCallback
 
     class Record(TrainerCallback):
-        """Per-step losses, and the same clock as our side (Trainer's setup before step 1 is left out too)."""
-
         def __init__(self):
             self.losses, self.clock = [], None
 
@@ -309,8 +311,13 @@ def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], outpu
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
+    return Record()
+
+
+def trainer_arguments(recipe, output_dir: str) -> dict:
+    """The TrainingArguments both baselines share: our batch, optimizer settings, schedule and clipping."""
     cfg = recipe.train
-    args = TrainingArguments(
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=1,
@@ -332,32 +339,145 @@ def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], outpu
         save_strategy="no",
         report_to="none",
         seed=recipe.seed,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    record = Record()
+
+
+def baseline_result(
+    trainer, record, train_ds, order: list[int], batch: int, computed: int | None = None
+) -> dict:
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # no per-step log lines on stdout
+    trainer.train()
+    lengths = [len(train_ds[i]["input_ids"]) for i in order]
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    return record.clock.result() | {
+        "steps": trainer.state.global_step,
+        "losses": record.losses,
+        "computed_tokens": computed if computed is not None else padded_tokens(lengths, batch),
+        "real_tokens": sum(lengths),
+        "optimizer": type(opt).__name__ + f"(fused={trainer.args.optim == 'adamw_torch_fused'})",
+    }
+
+
+def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str) -> dict:
+    """transformers.Trainer as a user sets it up for prompt-masked causal LM: DataCollatorForSeq2Seq pads
+    input_ids with the pad token and labels with -100, per batch, to the batch's longest example."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    record = step_recorder()
     trainer = Trainer(
         model=model,
-        args=args,
+        args=TrainingArguments(**trainer_arguments(recipe, output_dir)),
         train_dataset=train_ds.select(order),
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
         processing_class=tokenizer,
         callbacks=[record],
     )
-    trainer.remove_callback(PrinterCallback)  # no per-step log lines on stdout
-    trainer.train()
+    return baseline_result(trainer, record, train_ds, order, recipe.train.per_device_train_batch_size)
+
+
+def trl_version() -> str | None:
+    try:
+        import trl
+    except ImportError:
+        return None
+    return trl.__version__
+
+
+def prompt_completion_dataset(train_ds, order: list[int]):
+    """Our tokenized examples as TRL's pre-tokenized prompt-completion data: input_ids plus completion_mask (1 on
+    the completion: where our labels are targets), in our sampler's order. TRL turns the mask into labels itself
+    (completion_only_loss), so both sides train on the same tokens and targets."""
+    from datasets import Dataset
+
+    rows = train_ds.select(order)
+    return Dataset.from_dict(
+        {
+            "input_ids": rows["input_ids"],
+            "completion_mask": [[int(t != -100) for t in labels] for labels in rows["labels"]],
+        }
+    )
+
+
+def train_trl(
+    recipe, model, train_ds, tokenizer, order: list[int], output_dir: str, padding_free=False
+) -> dict:
+    """TRL's SFTTrainer as its docs set up prompt-completion SFT: completion_only_loss, no packing (it would
+    change the examples per step, see trl_packing_check). Without padding_free each batch is right-padded to its
+    longest example; with it, the batch's examples are laid end to end in one row with restarting position ids
+    (documented for FlashAttention; trl_packing_check shows it keeps GPT-2's examples apart with SDPA too). Its
+    default fused LM head scores target positions only, like ours."""
+    from trl import SFTConfig, SFTTrainer
+
+    record = step_recorder()
+    args = SFTConfig(
+        **trainer_arguments(recipe, output_dir),
+        completion_only_loss=True,
+        # Our examples are already cut to max_seq_len; TRL refuses a max_length it would not enforce (padding-free).
+        max_length=None if padding_free else recipe.data.max_seq_len,
+        packing=False,
+        padding_free=padding_free,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prompt_completion_dataset(train_ds, order),
+        processing_class=tokenizer,
+        callbacks=[record],
+    )
     lengths = [len(train_ds[i]["input_ids"]) for i in order]
-    return record.clock.result() | {
-        "steps": trainer.state.global_step,
-        "losses": record.losses,
-        "computed_tokens": padded_tokens(lengths, cfg.per_device_train_batch_size),
-        "real_tokens": sum(lengths),
-        "optimizer": type(
-            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-        ).__name__
-        + f"(fused={trainer.args.optim == 'adamw_torch_fused'})",
+    computed = sum(lengths) if padding_free else None  # one row per batch, no padding
+    return baseline_result(
+        trainer, record, train_ds, order, recipe.train.per_device_train_batch_size, computed
+    )
+
+
+def train_trl_padding_free(recipe, model, train_ds, tokenizer, order: list[int], output_dir: str) -> dict:
+    return train_trl(recipe, model, train_ds, tokenizer, order, output_dir, padding_free=True)
+
+
+def trl_packing_check(prepared: Prepared) -> dict:
+    """What TRL's packing / padding-free options do to GPT-2 with SDPA, by the logits check of
+    hftoolkit.speedups.packing_keeps_examples_apart: two real examples go through TRL's own packing
+    (trl.pack_dataset) and collator, and the second example's logits in the packed row are compared with the
+    same example run alone. False means packed examples attend to each other: that option trains on a different
+    model input and is left out of the comparison."""
+    from datasets import Dataset
+    from trl import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    recipe, task, tokenizer, train_ds, _ = prepared
+    model = new_model(recipe, task).eval()
+    first, second = train_ds[0]["input_ids"], train_ds[1]["input_ids"]
+    pad = tokenizer.pad_token_id
+    examples = Dataset.from_dict({"input_ids": [first, second]})
+    options = {
+        # Each: (packed rows, whether the collator flattens them with restarting position ids)
+        "padding_free": (examples, True),
+        "packing_bfd": (pack_dataset(examples, len(first) + len(second), "bfd"), True),
+        "packing_wrapped": (pack_dataset(examples, len(first) + len(second), "wrapped"), False),
     }
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([second])).logits[0].float()
+        out = {}
+        for name, (rows, padding_free) in options.items():
+            batch = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=padding_free)(list(rows))
+            batch.pop("labels")
+            # use_cache=False as SFTTrainer.compute_loss passes it: without it GPT-2 ignores the restarting
+            # position ids and every option would fail the check.
+            logits = model(**batch, use_cache=False).logits.reshape(-1, alone.shape[-1]).float()
+            flat = batch["input_ids"].reshape(-1).tolist()
+            start = next(k for k in range(len(flat)) if flat[k : k + len(second)] == second)
+            packed = logits[start : start + len(second)]
+            out[name] = bool(
+                torch.allclose(packed, alone, rtol=1e-3, atol=1e-4 * max(1.0, alone.abs().max().item()))
+            )
+    print(f"[trl packing check] examples kept apart (GPT-2, SDPA): {json.dumps(out)}", flush=True)
+    return {"examples_kept_apart": out, "lengths": [len(first), len(second)]}
 
 
 def summarize_side(result: dict, n_timed: int) -> dict:
@@ -390,7 +510,7 @@ def combine_runs(runs: list[dict]) -> dict:
     }
 
 
-def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Path, ours_first: bool):
+def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Path, shift: int):
     """(a) for one dataset → (figures, the model hftoolkit's last run trained)."""
     from hftoolkit.data import build_train_loader
 
@@ -401,17 +521,22 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
     pad, row_len = tokenizer.pad_token_id, recipe.data.max_seq_len
     order = list(build_train_loader(train_ds, batch, recipe.seed, True, pad, row_len).sampler)
 
+    baselines = {"hf_trainer": train_hf_trainer}
+    if trl_version():
+        baselines |= {"trl": train_trl, "trl_padding_free": train_trl_padding_free}
+
     def run(side: str) -> dict:
         model = new_model(recipe, task)
-        if side == "hf_trainer":
-            return train_hf_trainer(
-                recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-hf")
+        if side in baselines:
+            return baselines[side](
+                recipe, model, train_ds, tokenizer, order, str(workdir / f"{bench.name}-{side}")
             )
         return train_hftoolkit(recipe, model, train_ds, tokenizer)
 
-    # A B B A (or B A A B): both sides see the same drift in the machine's load; which goes first alternates
+    # A B C C B A (or rotated): every side sees the same drift in the machine's load; which goes first rotates
     # across datasets.
-    sides = ["hftoolkit", "hf_trainer"] if ours_first else ["hf_trainer", "hftoolkit"]
+    sides = ["hftoolkit", *baselines]
+    sides = sides[shift % len(sides) :] + sides[: shift % len(sides)]
     sequence = [
         side for r in range(settings["train_repeats"]) for side in (sides if r % 2 == 0 else sides[::-1])
     ]
@@ -419,11 +544,10 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
     for side in sequence:
         runs.setdefault(side, []).append(run(side))
     results = {side: combine_runs(rs) for side, rs in runs.items()}
-    ours, hf = results["hftoolkit"], results["hf_trainer"]
+    ours = results["hftoolkit"]
     n = len(train_ds)
     n_timed = n - min(batch, n)  # the first batch is full (drop_last=False only shortens the last one)
-    a, b = summarize_side(ours, n_timed), summarize_side(hf, n_timed)
-    per_step_rel = [abs(x - y) / y for x, y in zip(ours["losses"], hf["losses"], strict=True)]
+    a = summarize_side(ours, n_timed)
     out = {
         "task": bench.task,
         "examples": n,
@@ -432,23 +556,39 @@ def bench_training(bench: Bench, prepared: Prepared, settings: dict, workdir: Pa
         "example_tokens": {"mean": statistics.fmean(lengths), "min": min(lengths), "max": max(lengths)},
         "truncated_sources": stats.source_truncated,
         "hftoolkit": a | {"run_seconds": ours["run_seconds"]},
-        "hf_trainer": b | {"run_seconds": hf["run_seconds"], "optimizer": hf["optimizer"]},
-        "speedup": a["examples_per_s"] / b["examples_per_s"],
-        "speedup_cpu_time": a["examples_per_cpu_s"] / b["examples_per_cpu_s"],
-        # Both sides run the same batches in the same order: step i is the same work on each side but for padding.
-        "speedup_median_step_ratio": statistics.median(
-            h / o for o, h in zip(ours["step_seconds"], hf["step_seconds"], strict=True)
-        ),
-        "final_loss_ratio": a["final_loss"] / b["final_loss"],
-        "per_step_loss_max_rel_diff": max(per_step_rel),
     }
     line = (
-        f"[train {bench.name}] hftoolkit {a['examples_per_s']:.2f} ex/s (padding {a['padding_fraction']:.1%}) | "
-        f"Trainer {b['examples_per_s']:.2f} ex/s (padding {b['padding_fraction']:.1%}) | "
-        f"speedup {out['speedup']:.2f}x (CPU time {out['speedup_cpu_time']:.2f}x, median step "
-        f"{out['speedup_median_step_ratio']:.2f}x) | final loss {a['final_loss']:.4f} vs {b['final_loss']:.4f} "
-        f"(ratio {out['final_loss_ratio']:.4f}, max per-step diff {out['per_step_loss_max_rel_diff']:.2%})"
+        f"[train {bench.name}] hftoolkit {a['examples_per_s']:.2f} ex/s (padding {a['padding_fraction']:.1%})"
     )
+    for side in baselines:
+        other = results[side]
+        b = summarize_side(other, n_timed)
+        per_step_rel = [abs(x - y) / y for x, y in zip(ours["losses"], other["losses"], strict=True)]
+        suffix = "" if side == "hf_trainer" else f"_vs_{side}"  # the Trainer keys keep their names
+        out[side] = b | {"run_seconds": other["run_seconds"], "optimizer": other["optimizer"]}
+        out |= {
+            f"speedup{suffix}": a["examples_per_s"] / b["examples_per_s"],
+            f"speedup_cpu_time{suffix}": a["examples_per_cpu_s"] / b["examples_per_cpu_s"],
+            # Both sides run the same batches in the same order: step i is the same work on each side but for
+            # padding.
+            f"speedup_median_step_ratio{suffix}": statistics.median(
+                h / o for o, h in zip(ours["step_seconds"], other["step_seconds"], strict=True)
+            ),
+            f"final_loss_ratio{suffix}": a["final_loss"] / b["final_loss"],
+            f"per_step_loss_max_rel_diff{suffix}": max(per_step_rel),
+        }
+        line += (
+            f" | {side} {b['examples_per_s']:.2f} ex/s (padding {b['padding_fraction']:.1%}): speedup "
+            f"{out[f'speedup{suffix}']:.2f}x (CPU time {out[f'speedup_cpu_time{suffix}']:.2f}x), final loss "
+            f"{a['final_loss']:.4f} vs {b['final_loss']:.4f} (max per-step diff "
+            f"{out[f'per_step_loss_max_rel_diff{suffix}']:.2%})"
+        )
+    trl_sides = [side for side in baselines if side.startswith("trl")]
+    if trl_sides:  # the headline compares with TRL's fastest setting that keeps examples apart
+        fastest = min(trl_sides, key=lambda side: out[f"speedup_vs_{side}"])
+        out["trl_fastest_setting"] = fastest
+        out["speedup_vs_trl_fastest"] = out[f"speedup_vs_{fastest}"]
+        out["final_loss_ratio_vs_trl_fastest"] = out[f"final_loss_ratio_vs_{fastest}"]
     print(line, flush=True)
     return out, ours["model"]
 
@@ -540,14 +680,26 @@ def diagnose_training(prepared: Prepared) -> dict:
     return out
 
 
-def eval_model(prepared: Prepared, trained, epochs: int):
-    """The model (b) evaluates: `epochs` epochs of hftoolkit's training step, untimed. `trained` is the model (a)
-    trained for one epoch; None when (a) was skipped, and then every epoch runs here from the initial weights."""
+def bench_eval_both_models(bench: Bench, prepared: Prepared, trained, settings: dict, ours_first: bool):
+    """(b) twice: on the model after one epoch (it rarely ends its completions: every batch runs max_new_tokens
+    steps on both sides, the worst case for hftoolkit), then on the same model trained on until it stops, as a
+    fine-tuned model does. `trained`: the model (a) trained for one epoch; None when (a) was skipped, and then that
+    epoch runs here from the initial weights. Returns (worst case, stopping model) figures."""
     recipe, task, tokenizer, train_ds, _ = prepared
-    model, done = (trained, 1) if trained is not None else (new_model(recipe, task), 0)
-    for epoch in range(done, epochs):
-        model = train_hftoolkit(recipe, model, train_ds, tokenizer, epoch)["model"]
-    return model
+    model = trained
+    if model is None:
+        model = train_hftoolkit(recipe, new_model(recipe, task), train_ds, tokenizer)["model"]
+    size, repeats = settings["eval_batch_size"], settings["eval_repeats"]
+    worst = bench_eval(bench, prepared, model, size, repeats, ours_first)
+    described = f"{settings['preset']} preset trained {{}} epoch(s) on the {len(train_ds)} training examples"
+    worst["model"] = described.format(1)
+    model, epochs, history = train_until_it_stops(
+        bench, prepared, model, settings["eval_stop_target"], settings["eval_max_epochs"]
+    )
+    stopping = bench_eval(bench, prepared, model, size, repeats, ours_first)
+    stopping["model"] = described.format(epochs) + f", until ≥ {settings['eval_stop_target']:.0%} stopped"
+    stopping["stopped_fraction_by_epoch"] = history
+    return worst, stopping
 
 
 # --------------------------------------------------------------------------------------------- b. evaluation
@@ -584,6 +736,7 @@ def eval_examples_loop(model, tokenizer, task, prompts: list[list[int]], decodin
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer.pad({"input_ids": prompts[i : i + batch_size]}, padding=True, return_tensors="pt")
+        enc = {k: v.to(model.device) for k, v in enc.items()}
         with torch.no_grad():
             out = model.generate(
                 **enc,
@@ -630,9 +783,9 @@ def count_forwards(model):
         handle.remove()
 
 
-def bench_eval(
-    bench: Bench, prepared: Prepared, model, batch_size: int, repeats: int, ours_first: bool
-) -> dict:
+def generation_run(bench: Bench, prepared: Prepared, model):
+    """The generation setup of a run, as prepare_run builds it: decoding (max_new_tokens from the references, the
+    task's stop strings), the prompts (truncated to fit), and their token-budget batches."""
     from datasets import Dataset
 
     from hftoolkit.modeling import context_length
@@ -642,10 +795,37 @@ def bench_eval(
     # The trained model carries hftoolkit's targets-only forward, which only training calls (generate goes through
     # the class forward). Both sides get the stock forward here.
     model.__dict__.pop("forward", None)
-    # The generation setup of a run, as prepare_run builds it: decoding (max_new_tokens from the references, the
-    # task's stop strings), the prompts (truncated to fit), and their token-budget batches.
     gen = Run(recipe, make_accelerator(recipe), task, model, tokenizer, context=context_length(model))
     build_generation_eval(gen, Dataset.from_list(bench.eval_rows))
+    return gen
+
+
+def train_until_it_stops(bench: Bench, prepared: Prepared, model, target: float, max_epochs: int):
+    """More epochs of hftoolkit's step (untimed) until at least `target` of the eval completions end by
+    themselves (EOS or stop string) after a non-empty prediction, as a fine-tuned model's do, or max_epochs in all.
+    The model arrives trained for one epoch. Returns (model, epochs, that fraction per epoch)."""
+    from hftoolkit.evaluation import generate_predictions
+
+    recipe, task, tokenizer, train_ds, _ = prepared
+    history = []
+    for epoch in range(1, max_epochs + 1):
+        gen = generation_run(bench, prepared, model)
+        preds = generate_predictions(
+            gen.accelerator, model, tokenizer, task, gen.gen_set, gen.gen_loaders["full"], gen.decoding
+        )
+        # Stopped with something said: a model that ends every completion at once (QA after one epoch) does not count.
+        history.append(sum(p["stopped"] and bool(p["prediction"].strip()) for p in preds) / len(preds))
+        if history[-1] >= target or epoch == max_epochs:
+            return model, epoch, history
+        model = train_hftoolkit(recipe, model, train_ds, tokenizer, epoch)["model"]
+    raise AssertionError("unreachable")
+
+
+def bench_eval(
+    bench: Bench, prepared: Prepared, model, batch_size: int, repeats: int, ours_first: bool
+) -> dict:
+    recipe, task, tokenizer, _, _ = prepared
+    gen = generation_run(bench, prepared, model)
     gen_set, decoding = gen.gen_set, gen.decoding
     assert decoding.num_beams == 1 and not decoding.do_sample, "the examples loop decodes greedily"
     max_new = decoding.max_new_tokens
@@ -1010,7 +1190,11 @@ def load_average() -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small settings: 7-8 min on 2 idle CPU cores")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small settings: 7-8 min on 2 idle CPU cores without TRL (TRL's CPU epochs add more)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny settings: check that every path runs")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument(
@@ -1021,6 +1205,12 @@ def main(argv: list[str] | None = None) -> int:
         help="parts to skip. `train` skips the training comparison (a) and its diagnostics; the eval (b) still "
         "trains the model it evaluates, untimed, with hftoolkit's step only (no Trainer, no repeats). Skip "
         "train and eval to tokenize and train nothing",
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="*",
+        choices=["scitldr", "multi30k", "qa"],
+        help="only these datasets (default: all three); the headline means are then over these",
     )
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -1054,27 +1244,24 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "code": code_version(),
     }
-    benches = load_benches(settings)
-    train_results, eval_results = {}, {}
+    report["machine"]["trl"] = trl_version()
+    if report["machine"]["trl"] is None and "train" not in args.skip:
+        print("skipping the TRL baseline: trl is not installed (pip install -e '.[bench]')", flush=True)
+    benches = [b for b in load_benches(settings) if not args.datasets or b.name in args.datasets]
+    train_results, eval_results, worst_case = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="hftoolkit-bench-") as tmp:
         for k, bench in enumerate(benches if {"train", "eval"} - set(args.skip) else []):
             prepared = tokenize_bench(bench, settings, tokenizer, Path(tmp))
             model = None
             if "train" not in args.skip:
-                train_results[bench.name], model = bench_training(
-                    bench, prepared, settings, Path(tmp), k % 2 == 0
-                )
+                train_results[bench.name], model = bench_training(bench, prepared, settings, Path(tmp), k)
                 if k == 0:
                     report["train_diagnostics"] = {"dataset": bench.name} | diagnose_training(prepared)
+                    if report["machine"]["trl"]:
+                        report["trl_packing_check"] = {"dataset": bench.name} | trl_packing_check(prepared)
             if "eval" not in args.skip:
-                epochs = settings["eval_model_epochs"]
-                model = eval_model(prepared, model, epochs)
-                eval_results[bench.name] = bench_eval(
-                    bench, prepared, model, settings["eval_batch_size"], settings["eval_repeats"], k % 2 == 1
-                )
-                eval_results[bench.name]["model"] = (
-                    f"{settings['preset']} preset trained {epochs} epoch(s) on the {len(prepared.train_ds)} "
-                    "training examples with hftoolkit's training step"
+                worst_case[bench.name], eval_results[bench.name] = bench_eval_both_models(
+                    bench, prepared, model, settings, k % 2 == 1
                 )
     if train_results:
         report["train"] = train_results
@@ -1083,10 +1270,29 @@ def main(argv: list[str] | None = None) -> int:
         report["train_final_loss_ratio"] = max(
             (r["final_loss_ratio"] for r in train_results.values()), key=lambda x: abs(math.log(x))
         )
+        if all("speedup_vs_trl_fastest" in r for r in train_results.values()):
+            results = train_results.values()
+            report["train_speedup_vs_trl"] = geomean([r["speedup_vs_trl_fastest"] for r in results])
+            report["train_final_loss_ratio_vs_trl"] = max(
+                (r[f"final_loss_ratio_vs_{side}"] for r in results for side in ("trl", "trl_padding_free")),
+                key=lambda x: abs(math.log(x)),
+            )
     if eval_results:
         report["eval"] = eval_results
         report["eval_speedup_vs_examples_loop"] = geomean([r["speedup"] for r in eval_results.values()])
-        report["eval_predictions_identical"] = all(r["predictions_identical"] for r in eval_results.values())
+        report["eval_predictions_identical"] = all(
+            r["predictions_identical"] for r in [*eval_results.values(), *worst_case.values()]
+        )
+        report["eval_stopped_fraction"] = statistics.fmean(
+            r["hftoolkit"]["stopped_fraction"] for r in eval_results.values()
+        )
+        report["eval_worst_case"] = worst_case
+        report["eval_worst_case_speedup_vs_examples_loop"] = geomean(
+            [r["speedup"] for r in worst_case.values()]
+        )
+        report["eval_worst_case_stopped_fraction"] = statistics.fmean(
+            r["hftoolkit"]["stopped_fraction"] for r in worst_case.values()
+        )
     if "flops" not in args.skip:
         with tempfile.TemporaryDirectory(prefix="hftoolkit-bench-") as tmp:
             report["cpu_flops"] = bench_flops(settings, Path(tmp))
@@ -1099,8 +1305,13 @@ def main(argv: list[str] | None = None) -> int:
         for k in (
             "train_speedup_vs_hf_trainer",
             "train_final_loss_ratio",
+            "train_speedup_vs_trl",
+            "train_final_loss_ratio_vs_trl",
             "eval_speedup_vs_examples_loop",
             "eval_predictions_identical",
+            "eval_stopped_fraction",
+            "eval_worst_case_speedup_vs_examples_loop",
+            "eval_worst_case_stopped_fraction",
             "cpu_mfu_vs_matmul_peak",
             "wall_seconds",
         )

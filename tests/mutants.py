@@ -52,6 +52,9 @@ TRUNCATION = f"{UNIT}::test_over_long_examples_lose_the_end_of_the_source"
 PROMPTS = f"{UNIT}::test_eval_prompts_truncate_the_source_not_the_template"
 SAMPLER = f"{UNIT}::test_epoch_sampler_reshuffles_every_epoch_deterministically"
 STOP = f"{UNIT}::test_stop_strings_end_generation"
+GEN = "tests/test_generation.py"
+FAST_GREEDY = f"{GEN}::test_greedy_decode_equals_generate_when_rows_finish_at_different_steps"
+FAST_GREEDY_STOP = f"{GEN}::test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string"
 DECODING = f"{UNIT}::test_beam_search_and_sampling_run_and_are_seeded"
 MAX_NEW = f"{UNIT}::test_default_max_new_tokens_by_hand"
 SUBSET = f"{E2E}::test_periodic_evals_generate_exactly_their_budgeted_subset"
@@ -206,6 +209,13 @@ MUTANTS = [
     M("do-sample-ignored", "hftoolkit/generation.py",
       '"do_sample": self.do_sample,', '"do_sample": False,',
       (DECODING,)),
+    M("greedy-decode-cuts-columns-a-row-needs", "hftoolkit/generation.py",
+      "first = int(mask.any(dim=0).long().argmax())", "first = int(mask.all(dim=0).long().argmax())",
+      (FAST_GREEDY, FAST_GREEDY_STOP)),
+    M("greedy-decode-keeps-finished-rows-positions", "hftoolkit/generation.py",
+      "tokens, mask, position = tokens[keep], mask[keep], position[keep]",
+      "tokens, mask = tokens[keep], mask[keep]; position = position[: len(keep)]",
+      (FAST_GREEDY,)),
     # -- checkpoints and errors
     M("save-total-limit-off-by-one", "hftoolkit/checkpoint.py",
       "for old in list_checkpoints(checkpoints_dir)[:-keep]:",

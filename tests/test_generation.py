@@ -67,3 +67,98 @@ def test_generation_batches_fill_a_token_budget():
         assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
     # A prompt longer than the budget still gets a batch of its own.
     assert generation_batches([900, 10], budget=100, new_tokens=20, max_rows=8) == [[0], [1]]
+
+
+def _generate_reference(model, ids, mask, eos_ids, max_new_tokens):
+    """model.generate's greedy tokens per row, cut after the first EOS id (generate pads a finished row)."""
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        pad_token_id=0, eos_token_id=list(eos_ids),
+    )  # fmt: skip
+    rows = []
+    for row in out[:, ids.shape[1] :].tolist():
+        end = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def test_greedy_decode_equals_generate_when_rows_finish_at_different_steps():
+    """greedy_decode drops finished rows (and padding columns no remaining row needs) from the batch and its KV
+    cache; every row's tokens must still be model.generate's, EOS included. The EOS ids are tokens the model
+    emits at different steps of different rows, so rows leave the batch one by one, the longest prompts among
+    them, and some row runs into max_new_tokens."""
+    import torch
+
+    from hftoolkit.generation import greedy_decode, left_pad
+
+    model = tiny_gpt2(vocab_size=96, n_positions=128, seed=2).eval()
+    with (
+        torch.no_grad()
+    ):  # larger weights than the default init: a random model that does not repeat one token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (40, 3, 17, 9, 33, 1, 12, 25, 5, 38)]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    free = _generate_reference(model, ids, mask, {0}, 24)
+    eos = {
+        free[0][3],
+        free[4][9],
+    }  # tokens that end rows 0 and 4 (long prompts) early, and others here and there
+    expected = _generate_reference(model, ids, mask, eos, 24)
+    assert len({len(r) for r in expected}) >= 3 and max(map(len, expected)) == 24
+    assert len(expected[0]) <= 4 and len(expected[4]) <= 10
+    assert greedy_decode(model, ids, mask, eos, 24) == expected
+
+
+def test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string(gpt2_tokenizer):
+    """generate_batch's greedy path (rows leave the batch at a stop token) gives, after the task's cut at the stop
+    string, the predictions of the examples-style reference: model.generate without any stop, then the cut. The
+    stop string "e" occurs in many GPT-2 tokens, so rows stop at different steps; left padding of uneven prompts."""
+    from hftoolkit.generation import can_decode_greedily, left_pad
+    from hftoolkit.tasks.base import cut_at_stop
+
+    tok = gpt2_tokenizer
+    tok.pad_token = tok.eos_token
+    model = tiny_gpt2(vocab_size=50257, n_positions=128, seed=1).eval()
+    texts_in = (
+        "Hello there",
+        "A much longer prompt than the first one, with commas",
+        "Hi",
+        "Once upon a time",
+    )
+    prompts = [tok(t)["input_ids"] for t in texts_in]
+    decoding = Decoding(max_new_tokens=12, stop_strings=("e",))
+    assert can_decode_greedily(model, decoding, synced_gpus=False)
+    texts, stopped = generate_batch(model, tok, prompts, decoding)
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id
+    )
+    reference = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    assert [cut_at_stop(t, ["e"]) for t in texts] == [cut_at_stop(t, ["e"]) for t in reference]
+    assert stopped == ["e" in t for t in texts]
+    lengths = {len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts}
+    assert len(lengths) >= 2  # rows left the batch at different steps
+
+
+def test_beams_sampling_and_lockstep_go_through_generate(gpt2_tokenizer):
+    """Only plain greedy search takes the fast path: beam search, sampling and lockstep generation across
+    processes (synced_gpus, for FSDP / ZeRO-3) keep model.generate, and beam search gives generate's output."""
+    from hftoolkit.generation import can_decode_greedily, left_pad
+
+    tok = gpt2_tokenizer
+    tok.pad_token = tok.eos_token
+    model = tiny_gpt2(vocab_size=50257, n_positions=128, seed=2).eval()
+    assert not can_decode_greedily(model, Decoding(num_beams=2), synced_gpus=False)
+    assert not can_decode_greedily(model, Decoding(do_sample=True), synced_gpus=False)
+    assert not can_decode_greedily(model, Decoding(), synced_gpus=True)
+    prompts = [tok(t)["input_ids"] for t in ("Hello there", "Hi")]
+    texts, _ = generate_batch(model, tok, prompts, Decoding(max_new_tokens=5, num_beams=2))
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
+    )  # fmt: skip
+    assert texts == tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
