@@ -181,8 +181,8 @@ MUTANTS = [
       (RESUME_SIGTERM,)),
     # -- evaluation
     M("periodic-eval-on-the-full-set", "hftoolkit/run.py",
-      'loader = self.gen_loaders["subset" if subset and "subset" in self.gen_loaders else "full"]',
-      'loader = self.gen_loaders["full"]',
+      'loader = gen_loaders["subset" if subset and "subset" in gen_loaders else "full"]',
+      'loader = gen_loaders["full"]',
       (SUBSET,)),
     M("generation-loader-ignores-limit", "hftoolkit/evaluation.py",
       "n = len(gen_set.prompts) if limit is None else min(limit, len(gen_set.prompts))",
