@@ -248,10 +248,12 @@ def drop_bad_rows(task, data_cfg, ds, split: str, where: str):
     """
     counts: dict[str, int] = {}
     bad: list[int] = []
-    for i, row in enumerate(ds):
-        if (problem := task.row_problem(row, data_cfg)) is not None:
-            counts[problem] = counts.get(problem, 0) + 1
-            bad.append(i)
+    # Batches of columns, rebuilt into rows here: datasets' own row-by-row iteration is ~3× slower.
+    for start, batch in zip(range(0, len(ds), 1000), ds.iter(batch_size=1000), strict=False):
+        for offset, values in enumerate(zip(*batch.values(), strict=True)):
+            if (problem := task.row_problem(dict(zip(batch, values, strict=True)), data_cfg)) is not None:
+                counts[problem] = counts.get(problem, 0) + 1
+                bad.append(start + offset)
     if not bad:
         return ds, counts
     summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -674,7 +676,7 @@ def build_train_loader(
 ):
     from torch.utils.data import DataLoader
 
-    lengths = [len(x) for x in dataset["input_ids"]]
+    lengths = example_lengths(dataset)
     # accelerate deals the loader's consecutive batches to ranks 0..N-1, and each rank takes `accumulation` of them
     # per optimizer step, so one step is N·accumulation consecutive sampler chunks: group lengths by that, so that
     # N processes × B × A see per optimizer step the same examples as 1 process × N·B, or as M processes with
@@ -695,11 +697,20 @@ def build_train_loader(
     )
 
 
+def example_lengths(dataset) -> list[int]:
+    """Tokens per example, from the Arrow list offsets: reading the input_ids column into Python would build every
+    token id as an int (≈ 10× slower and GBs of memory at 100k+ examples)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
 def build_eval_loader(dataset, batch_size: int, pad_id: int):
     """Eval loss batches: sorted by length (less padding), padded; order does not change the summed loss."""
     from torch.utils.data import DataLoader
 
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    lengths = example_lengths(dataset)
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i])
     return DataLoader(dataset.select(order), batch_size=batch_size, collate_fn=make_collate(pad_id, False, 0))
 
 

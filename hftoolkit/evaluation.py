@@ -253,6 +253,29 @@ def generate_predictions(
     return sorted({r["index"]: r for r in results}.values(), key=lambda r: r["index"])
 
 
+def score_generations(task, data_cfg, names, gen_set, preds: list[dict], settings: dict | None = None):
+    """(scores, each metric's configuration) of generate_predictions' output: the metrics `names`, the task's extra
+    scores, and stopped_pct — how many completions ended by themselves (EOS or a stop string) rather than at
+    max_new_tokens. One scoring for the training evals, `hftoolkit eval` and the suites."""
+    texts = [task.scoring_text(p["prediction"], data_cfg) for p in preds]
+    refs = [gen_set.references[p["index"]] for p in preds]
+    scores, config = compute_scores(names, texts, refs, settings)
+    scores.update(task.extra_scores(texts, refs, data_cfg))
+    scores["stopped_pct"] = 100.0 * sum(p["stopped"] for p in preds) / max(len(preds), 1)
+    return scores, config
+
+
+def prediction_rows(task, data_cfg, gen_set, preds: list[dict]) -> list[dict]:
+    """predictions.jsonl's rows: prompt, references, prediction, the task's per-example score, stopped."""
+    texts = [task.scoring_text(p["prediction"], data_cfg) for p in preds]
+    refs = [gen_set.references[p["index"]] for p in preds]
+    return [
+        {"prompt": gen_set.prompt_texts[p["index"]], "references": gen_set.references[p["index"]],
+         "prediction": p["prediction"], "score": None if score is None else round(score, 2), "stopped": p["stopped"]}
+        for p, score in zip(preds, task.score_examples(texts, refs), strict=True)
+    ]  # fmt: skip
+
+
 def compute_scores(
     names, predictions: list[str], references: list[list[str]], settings: dict | None = None
 ) -> tuple[dict, dict]:

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from hftoolkit.config import Recipe, field_docs, flatten, to_dict
-from hftoolkit.data import steps_per_epoch, tokenize_split
+from hftoolkit.data import example_lengths, steps_per_epoch, tokenize_split
 from hftoolkit.errors import UserError
 from hftoolkit.run import check_context, load_splits, resolve_recipe, tokenizer_training_texts
 from hftoolkit.rundir import read_metrics
@@ -118,7 +118,7 @@ def plan(
     for split, counts in bad_rows.items():
         shown = ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "none"
         print(f"  {split} rows dropped as unusable (data.bad_rows={data_cfg.bad_rows}): {shown}")
-    all_lengths = [len(x) for x in train_ds["input_ids"]]
+    all_lengths = example_lengths(train_ds)
     total_steps, tok_per_step = _print_steps(recipe, all_lengths)
     _print_model(recipe, model, ctx)
     tps = tokens_per_second or _previous_throughput(out)

@@ -28,12 +28,13 @@ from hftoolkit.errors import UserError
 from hftoolkit.evaluation import (
     build_generation_loader,
     build_generation_set,
-    compute_scores,
     default_max_new_tokens,
     document_stream,
     evaluate_loss,
     generate_predictions,
     generation_batch_sizes,
+    prediction_rows,
+    score_generations,
 )
 from hftoolkit.generation import Decoding
 from hftoolkit.modeling import context_length, load_model_and_tokenizer, save_pretrained
@@ -130,17 +131,12 @@ class Run:
             preds = generate_predictions(
                 acc, self.model, self.tokenizer, self.task, gen_set, loader, self.decoding
             )
-            texts = [self.task.scoring_text(p["prediction"], self.recipe.data) for p in preds]
-            refs = [gen_set.references[p["index"]] for p in preds]
             data_cfg = self.recipe.data
             names = self.recipe.eval.metrics or list(self.task.default_metrics(data_cfg))
-            task_scores, self.metric_config = compute_scores(names, texts, refs)
+            task_scores, self.metric_config = score_generations(self.task, data_cfg, names, gen_set, preds)
             scores.update(task_scores)
-            scores.update(self.task.extra_scores(texts, refs, data_cfg))
-            # How many completions ended by themselves (EOS or stop string) rather than at max_new_tokens.
-            scores["stopped_pct"] = 100.0 * sum(p["stopped"] for p in preds) / max(len(preds), 1)
             if write_predictions and acc.is_main_process:
-                self.write_predictions(preds, self.task.score_examples(texts, refs))
+                rundir.write_predictions(self.out, prediction_rows(self.task, data_cfg, gen_set, preds))
         return {k: round(float(v), 4) for k, v in scores.items()}
 
     def stride_perplexity(self, stride_stream: tuple) -> dict:
@@ -159,19 +155,6 @@ class Run:
             e.perplexity_stride,
             e.per_device_eval_batch_size,
         )
-
-    def write_predictions(self, preds: list[dict], per_example: list) -> None:
-        rows = [
-            {
-                "prompt": self.gen_set.prompt_texts[p["index"]],
-                "references": self.gen_set.references[p["index"]],
-                "prediction": p["prediction"],
-                "score": None if score is None else round(score, 2),
-                "stopped": p["stopped"],
-            }
-            for p, score in zip(preds, per_example, strict=True)
-        ]
-        rundir.write_predictions(self.out, rows)
 
     # ------------------------------------------------------------------ files
     def write_results(self, results: dict) -> dict:

@@ -247,7 +247,7 @@ def run_suite(suite: Suite, recipe, target: Target, acc, limit: int | None = Non
 
 
 def _generate_and_score(suite, recipe, task, acc, model, tokenizer, ctx, rows):
-    from hftoolkit.evaluation import compute_scores, generate_predictions
+    from hftoolkit.evaluation import generate_predictions, prediction_rows, score_generations
     from hftoolkit.run import Run, build_generation_eval
 
     run = Run(recipe, acc, task, model, tokenizer, context=ctx)
@@ -255,20 +255,12 @@ def _generate_and_score(suite, recipe, task, acc, model, tokenizer, ctx, rows):
     preds = generate_predictions(
         acc, model, tokenizer, task, run.gen_set, run.gen_loaders["full"], run.decoding
     )
-    texts = [task.scoring_text(p["prediction"], recipe.data) for p in preds]
-    refs = [run.gen_set.references[p["index"]] for p in preds]
     names = recipe.eval.metrics or list(task.default_metrics(recipe.data))
-    scores, metric_config = compute_scores(names, texts, refs, suite.metric_config)
+    scores, metric_config = score_generations(
+        task, recipe.data, names, run.gen_set, preds, suite.metric_config
+    )
     check_pinned(suite, metric_config)
-    scores.update(task.extra_scores(texts, refs, recipe.data))
-    scores["stopped_pct"] = 100.0 * sum(p["stopped"] for p in preds) / max(len(preds), 1)
-    per_example = task.score_examples(texts, refs)
-    lines = [
-        {"prompt": run.gen_set.prompt_texts[p["index"]], "references": run.gen_set.references[p["index"]],
-         "prediction": p["prediction"], "score": None if s is None else round(s, 2), "stopped": p["stopped"]}
-        for p, s in zip(preds, per_example, strict=True)
-    ]  # fmt: skip
-    return scores, metric_config, lines
+    return scores, metric_config, prediction_rows(task, recipe.data, run.gen_set, preds)
 
 
 def _perplexity(suite, recipe, task, acc, model, tokenizer, rows) -> dict:
