@@ -234,7 +234,8 @@ MUTANTS = [
       (PACKED_APART,)),
     # -- rows without a target are dropped and counted, never trained on
     M("bad-rows-kept", "hftoolkit/data.py",
-      "if (problem := task.row_problem(row, data_cfg)) is not None:", "if (problem := None) is not None:",
+      "if (problem := task.row_problem(dict(zip(batch, values, strict=True)), data_cfg)) is not None:",
+      "if (problem := None) is not None:",
       (BAD_ROWS, EMPTY_COMPLETION)),
     M("null-field-read-as-empty-string", "hftoolkit/tasks/base.py",
       'return "null"', "return None",
