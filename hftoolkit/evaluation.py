@@ -15,7 +15,13 @@ import torch
 
 from hftoolkit import metrics as metric_lib
 from hftoolkit.data import encode_documents, encode_prompts
-from hftoolkit.generation import Decoding, generate_batch, generation_context, needs_synced_gpus
+from hftoolkit.generation import (
+    Decoding,
+    can_decode_greedily,
+    generate_batch,
+    generation_context,
+    needs_synced_gpus,
+)
 from hftoolkit.speedups import TARGET_LABELS, TARGET_POSITIONS, target_labels
 
 
@@ -219,7 +225,23 @@ def build_generation_loader(
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = batches[rank::world]
     per_process = -(-len(batches) // world)
-    return mine + [mine[-1] if mine else batches[0]] * (per_process - len(mine))
+    return GenerationLoader(
+        mine + [mine[-1] if mine else batches[0]] * (per_process - len(mine)), budget, max_rows
+    )
+
+
+class GenerationLoader(list):
+    """This process's generation batches (lists of example indices), with the KV-cache budget and row bound
+    they were sized by: greedy decoding takes the process's prompts in this order and keeps its running rows
+    within the same bounds, refilling the room of finished rows (generation.greedy_decode)."""
+
+    def __init__(self, batches: list[list[int]], budget: int, max_rows: int):
+        super().__init__(batches)
+        self.budget, self.max_rows = budget, max_rows
+
+    def prompt_order(self) -> list[int]:
+        """Every index once, in batch order (the repeated batch that evens out lockstep processes dropped)."""
+        return list(dict.fromkeys(i for batch in self for i in batch))
 
 
 @torch.no_grad()
@@ -235,10 +257,14 @@ def generate_predictions(
     results = []
     synced = needs_synced_gpus(accelerator)
     with generation_context(accelerator, model) as gen_model:
-        for indices in loader:
+        # Greedy search refills finished rows from the rest of this process's prompts: one call for them all.
+        # Beam search, sampling and lockstep generation go batch by batch through `generate`.
+        greedy = can_decode_greedily(gen_model, decoding, synced)
+        for indices in [loader.prompt_order()] if greedy else loader:
             texts, stopped = generate_batch(
-                gen_model, tokenizer, [gen_set.prompts[i] for i in indices], decoding, synced
-            )
+                gen_model, tokenizer, [gen_set.prompts[i] for i in indices], decoding, synced,
+                loader.budget, loader.max_rows,
+            )  # fmt: skip
             local = [
                 {
                     "index": i,

@@ -67,18 +67,28 @@ def stop_token_ids(tokenizer, stop_strings: tuple[str, ...]) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[list[int]], decoding: Decoding, synced_gpus: bool = False):
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    decoding: Decoding,
+    synced_gpus: bool = False,
+    budget: int | None = None,
+    max_rows: int | None = None,
+):
     """Completions (decoded, special tokens dropped) for token-id prompts, plus whether each one stopped by
     itself (EOS or a stop string) rather than running into max_new_tokens.
 
-    Greedy decoding goes through `greedy_decode` (finished rows leave the batch); beam search, sampling and
-    lockstep generation (synced_gpus) through `model.generate`."""
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    Greedy decoding goes through `greedy_decode` (continuous batching within `budget` tokens of KV cache and
+    `max_rows` rows; unbounded: one batch); beam search, sampling and lockstep generation (synced_gpus) through
+    `model.generate`, all prompts in one left-padded batch."""
     eos_ids = [tokenizer.eos_token_id, *stop_token_ids(tokenizer, decoding.stop_strings)]
     if can_decode_greedily(model, decoding, synced_gpus):
-        rows = greedy_decode(model, ids, mask, eos_ids, decoding.max_new_tokens)
+        rows = greedy_decode(
+            model, prompts, tokenizer.pad_token_id, eos_ids, decoding.max_new_tokens, budget, max_rows
+        )
     else:
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id, next(model.parameters()).device)
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -114,57 +124,172 @@ def can_decode_greedily(model, decoding: Decoding, synced_gpus: bool) -> bool:
 
 
 def greedy_decode(
-    model, ids: torch.Tensor, mask: torch.Tensor, eos_ids, max_new_tokens: int
+    model,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_ids,
+    max_new_tokens: int,
+    budget: int | None = None,
+    max_rows: int | None = None,
 ) -> list[list[int]]:
-    """Greedy search over a left-padded batch, returning each row's new tokens up to and including its first EOS
-    id: the tokens `model.generate(do_sample=False, num_beams=1)` produces, without its trailing padding.
+    """Greedy search with continuous batching: each prompt's new tokens up to and including its first EOS id,
+    the tokens `model.generate(do_sample=False, num_beams=1)` produces for it, without trailing padding.
 
-    Why not `generate`: it keeps decoding a finished row until the whole batch is done, so a batch costs its
-    slowest row × its number of rows. Here a row leaves the batch, and its KV cache, at its EOS; once the longest
-    prompts have left, the padding columns no row needs are cut from the cache too. A fine-tuned model stops at
-    varied lengths, so this is most of the decoding work of an eval batch. Each remaining row computes what it
-    would in the full batch (the same inputs, positions from the mask as `generate` derives them, and keys of
-    other rows never mix), so the tokens match `generate`'s (tested against it).
+    Why not `generate`: it keeps decoding a finished row until its whole batch is done, so a batch costs its
+    slowest row × its number of rows, and the next batch waits for it. Here a row leaves the batch, and its KV
+    cache, at its EOS, and the next prompts (in the order given) take its place: they are prefilled in one
+    forward once there is room for enough of them (`worth_admitting`), then decode alongside the rows already
+    running. Room: rows × (their longest prompt + max_new_tokens) ≤ `budget`, and ≤ `max_rows` rows (a prompt
+    that alone exceeds the budget still runs, alone). Once the longest prompts have left, the padding columns no
+    row needs are cut from the cache too. A fine-tuned model stops at varied lengths, so this is most of the
+    decoding work of an eval set.
+
+    Each row computes what it would alone: its own inputs, positions from its own mask as `generate` derives
+    them, and keys of other rows (or padding) never mix in, so the tokens match `generate`'s (tested against it).
+    Models with sliding-window layers keep their batches whole (a new row would shift the window's columns):
+    the next prompts start when the running ones are done.
     """
-    from transformers import DynamicCache
+    from collections import deque
 
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = DynamicCache(config=hf.config)
-    mask = mask.long()
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    eos = torch.tensor(sorted(set(eos_ids)), device=ids.device)
-    rows: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    alive = list(range(ids.shape[0]))  # batch row → index into `rows`
-    logits = hf(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        **last_logits(hf),
-    ).logits
-    position = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
+    device = next(hf.parameters()).device
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    refill = full_attention_only(hf.config)
+    out: list[list[int]] = [[] for _ in prompts]
+    queue = deque(range(len(prompts)))
+    live: Rows | None = None
+    while queue or live is not None:
+        take = admissible(queue, prompts, live, budget, max_new_tokens, max_rows)
+        if take and (live is None or (refill and worth_admitting(len(take), len(queue), len(live.index)))):
+            for _ in take:
+                queue.popleft()
+            new, logits = Rows.prefill(hf, take, [prompts[i] for i in take], pad_id, device)
+            new = new.pick(logits, out, eos, max_new_tokens)
+            live = new if live is None else live.merge(new)
+            if live is None:
+                continue
+        live = live.pick(live.step(hf), out, eos, max_new_tokens)
+    return out
+
+
+def admissible(queue, prompts, live, budget, max_new_tokens: int, max_rows) -> list[int]:
+    """The next prompts of `queue` that fit beside the running rows: rows × (longest prompt + max_new_tokens)
+    ≤ budget, rows ≤ max_rows (None: no bound). With nothing running, at least one."""
+    rows = 0 if live is None else len(live.index)
+    longest = 0 if live is None else max(live.prompt_len)
+    take = []
+    for i in queue:
+        longest = max(longest, len(prompts[i]))
+        over_budget = budget is not None and (rows + 1) * (longest + max_new_tokens) > budget
+        if (rows or take) and (over_budget or (max_rows is not None and rows + 1 > max_rows)):
+            break
+        take.append(i)
+        rows += 1
+    return take
+
+
+def worth_admitting(fits: int, waiting: int, running: int) -> bool:
+    """A refill costs one prefill forward, whatever its rows; wait until it brings a third as many rows as are
+    running (or every prompt left), so the forwards stay few and the batch stays full."""
+    return fits == waiting or 3 * fits >= running
+
+
+def full_attention_only(config) -> bool:
+    """No sliding-window (local) attention layer: cache columns can be padded and cut freely."""
+    return not getattr(config, "sliding_window", None) and "local" not in getattr(
+        config, "attention_layers", ()
+    )
+
+
+class Rows:
+    """The running rows of `greedy_decode`: prompt index, prompt length, KV cache, attention mask over the cache
+    (left padding 0), the position and the input token of each row's next step."""
+
+    def __init__(self, index, prompt_len, cache, mask, position, tokens=None):
+        self.index, self.prompt_len, self.cache = index, prompt_len, cache
+        self.mask, self.position, self.tokens = mask, position, tokens
+
+    @classmethod
+    def prefill(cls, hf, index: list[int], prompts: list[list[int]], pad_id: int, device):
+        """New rows after their prompts' forward (left-padded together), and the logits of its last position."""
+        from transformers import DynamicCache
+
+        ids, mask = left_pad(prompts, pad_id, device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=hf.config)
+        logits = hf(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            **last_logits(hf),
+        ).logits
+        return cls(list(index), [len(p) for p in prompts], cache, mask, positions[:, -1:] + 1), logits
+
+    def step(self, hf) -> torch.Tensor:
+        """One decoding forward: each row's last token in, the next logits out."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        logits = hf(
+            input_ids=self.tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.position,
+            cache=self.cache,
+            use_cache=True,
+        ).logits
+        self.position = self.position + 1
+        return logits
+
+    def pick(self, logits, out: list[list[int]], eos: torch.Tensor, max_new_tokens: int) -> Rows | None:
+        """The greedy token of each row appended to its output; rows that end (an EOS id, or max_new_tokens
+        tokens) leave, with their cache. None once no row is left."""
         tokens = logits[:, -1].float().argmax(-1)
         finished = torch.isin(tokens, eos)
-        for row, token in zip(alive, tokens.tolist(), strict=True):
-            rows[row].append(token)
-        if step == max_new_tokens - 1:
-            break
-        if finished.any():
-            keep = (~finished).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            alive = [alive[i] for i in keep.tolist()]
-            cache.batch_select_indices(keep)
-            tokens, mask, position = tokens[keep], mask[keep], position[keep]
-            mask = drop_padding_columns(cache, mask)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = hf(
-            input_ids=tokens[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True
-        ).logits
-        position = position + 1
-    return rows
+        for row, (i, token) in enumerate(zip(self.index, tokens.tolist(), strict=True)):
+            out[i].append(token)
+            if len(out[i]) >= max_new_tokens:
+                finished[row] = True
+        self.tokens = tokens
+        if not finished.any():
+            return self
+        keep = (~finished).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return None
+        self.cache.batch_select_indices(keep)
+        rows = keep.tolist()
+        self.index = [self.index[r] for r in rows]
+        self.prompt_len = [self.prompt_len[r] for r in rows]
+        self.tokens, self.mask, self.position = tokens[keep], self.mask[keep], self.position[keep]
+        self.mask = drop_padding_columns(self.cache, self.mask)
+        return self
+
+    def merge(self, new: Rows | None) -> Rows:
+        """These rows and `new` ones in one batch: the narrower cache (and mask) padded on the left to the
+        wider one's columns, then both stacked."""
+        if new is None:
+            return self
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        for a, b in zip(self.cache.layers, new.cache.layers, strict=True):
+            a.keys = torch.cat([pad_columns(a.keys, width), pad_columns(b.keys, width)])
+            a.values = torch.cat([pad_columns(a.values, width), pad_columns(b.values, width)])
+        self.mask = torch.cat([pad_columns(self.mask, width), pad_columns(new.mask, width)])
+        self.position = torch.cat([self.position, new.position])
+        self.tokens = torch.cat([self.tokens, new.tokens])
+        self.index += new.index
+        self.prompt_len += new.prompt_len
+        return self
+
+
+def pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` with zeros in front of its column axis (dim -2 of a [rows, heads, columns, dim] cache tensor, dim -1 of
+    a [rows, columns] mask) up to `width` columns."""
+    dim = -1 if t.dim() == 2 else -2
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def last_logits(hf) -> dict:

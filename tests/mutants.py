@@ -54,6 +54,7 @@ SAMPLER = f"{UNIT}::test_epoch_sampler_reshuffles_every_epoch_deterministically"
 STOP = f"{UNIT}::test_stop_strings_end_generation"
 GEN = "tests/test_generation.py"
 FAST_GREEDY = f"{GEN}::test_greedy_decode_equals_generate_when_rows_finish_at_different_steps"
+REFILL = f"{GEN}::test_continuous_batching_equals_generate_prompt_by_prompt"
 FAST_GREEDY_STOP = f"{GEN}::test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string"
 DECODING = f"{UNIT}::test_beam_search_and_sampling_run_and_are_seeded"
 MAX_NEW = f"{UNIT}::test_default_max_new_tokens_by_hand"
@@ -213,9 +214,21 @@ MUTANTS = [
       "first = int(mask.any(dim=0).long().argmax())", "first = int(mask.all(dim=0).long().argmax())",
       (FAST_GREEDY, FAST_GREEDY_STOP)),
     M("greedy-decode-keeps-finished-rows-positions", "hftoolkit/generation.py",
-      "tokens, mask, position = tokens[keep], mask[keep], position[keep]",
-      "tokens, mask = tokens[keep], mask[keep]; position = position[: len(keep)]",
-      (FAST_GREEDY,)),
+      "self.tokens, self.mask, self.position = tokens[keep], self.mask[keep], self.position[keep]",
+      "self.tokens, self.mask, self.position = tokens[keep], self.mask[keep], self.position[: len(keep)]",
+      (FAST_GREEDY, REFILL)),
+    M("refill-merges-positions-in-the-wrong-order", "hftoolkit/generation.py",
+      "self.position = torch.cat([self.position, new.position])",
+      "self.position = torch.cat([new.position, self.position])",
+      (REFILL,)),
+    M("finished-rows-never-refilled", "hftoolkit/generation.py",
+      "if take and (live is None or (refill and worth_admitting(len(take), len(queue), len(live.index)))):",
+      "if take and (live is None or (False and worth_admitting(len(take), len(queue), len(live.index)))):",
+      (REFILL,)),
+    M("refill-ignores-the-kv-budget", "hftoolkit/generation.py",
+      "over_budget = budget is not None and (rows + 1) * (longest + max_new_tokens) > budget",
+      "over_budget = False",
+      (REFILL,)),
     # -- checkpoints and errors
     M("save-total-limit-off-by-one", "hftoolkit/checkpoint.py",
       "for old in list_checkpoints(checkpoints_dir)[:-keep]:",

@@ -109,7 +109,48 @@ def test_greedy_decode_equals_generate_when_rows_finish_at_different_steps():
     expected = _generate_reference(model, ids, mask, eos, 24)
     assert len({len(r) for r in expected}) >= 3 and max(map(len, expected)) == 24
     assert len(expected[0]) <= 4 and len(expected[4]) <= 10
-    assert greedy_decode(model, ids, mask, eos, 24) == expected
+    assert greedy_decode(model, prompts, 0, eos, 24) == expected
+
+
+def test_continuous_batching_equals_generate_prompt_by_prompt():
+    """With a KV budget that holds only a few rows, greedy_decode refills the room of finished rows with the next
+    prompts (new rows prefilled, then merged into the running batch, caches padded to one width); every prompt's
+    tokens must still be model.generate's for that prompt alone. Prompts in a shuffled length order, so a longer
+    prompt joins shorter running rows and the other way round."""
+    import torch
+
+    from hftoolkit.generation import greedy_decode, left_pad
+
+    model = tiny_gpt2(vocab_size=96, n_positions=128, seed=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(1, 96, (n,), generator=g).tolist() for n in (30, 4, 22, 9, 35, 1, 14, 27, 6, 18, 11, 3)
+    ]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    free = _generate_reference(model, ids, mask, {0}, 16)
+    eos = {free[1][2], free[6][5], free[9][1]}
+    expected = [_generate_reference(model, *left_pad([p], 0, "cpu"), eos, 16)[0] for p in prompts]
+    assert len({len(r) for r in expected}) >= 4 and max(map(len, expected)) == 16
+    shapes = []  # (rows, KV-cache columns) of every forward
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["attention_mask"].shape)),
+        with_kwargs=True,
+    )
+    budget = 4 * (35 + 16)  # four rows of the longest prompt; more of shorter ones
+    try:
+        got = greedy_decode(model, prompts, 0, eos, 16, budget=budget, max_rows=6)
+    finally:
+        handle.remove()
+    assert got == expected
+    assert shapes and all(rows <= 6 and rows * columns <= budget for rows, columns in shapes), shapes
+    # Batch by batch (4 prompts at a time, each batch until its longest completion) would take this many forwards;
+    # refilling takes fewer.
+    batch_by_batch = sum(max(map(len, expected[i : i + 4])) for i in range(0, len(prompts), 4))
+    assert len(shapes) < batch_by_batch, (len(shapes), batch_by_batch)
 
 
 def test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string(gpt2_tokenizer):
