@@ -146,15 +146,15 @@ def greedy_decode(
 
     Each row computes what it would alone: its own inputs, positions from its own mask as `generate` derives
     them, and keys of other rows (or padding) never mix in, so the tokens match `generate`'s (tested against it).
-    Models with sliding-window layers keep their batches whole (a new row would shift the window's columns):
-    the next prompts start when the running ones are done.
+    Models whose cache keeps only a window of columns keep their batches whole (`columns_movable`): the next
+    prompts start when the running ones are done.
     """
     from collections import deque
 
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(hf.parameters()).device
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
-    refill = full_attention_only(hf.config)
+    refill = columns_movable(hf.config)
     out: list[list[int]] = [[] for _ in prompts]
     queue = deque(range(len(prompts)))
     live: Rows | None = None
@@ -194,20 +194,24 @@ def worth_admitting(fits: int, waiting: int, running: int) -> bool:
     return fits == waiting or 3 * fits >= running
 
 
-def full_attention_only(config) -> bool:
-    """No sliding-window (local) attention layer: cache columns can be padded and cut freely."""
-    return not getattr(config, "sliding_window", None) and "local" not in getattr(
-        config, "attention_layers", ()
-    )
+def columns_movable(config) -> bool:
+    """Whether every layer of the model's KV cache is a plain `DynamicLayer`: full attention, or a window counted
+    back from each query as GPT-Neo's local layers count it. Then cache columns can be padded on the left and
+    leading padding cut without moving any key relative to the queries that see it (tested on GPT-2, GPT-Neo,
+    GPT-NeoX and OPT). Caches that keep only a window of columns (`DynamicSlidingWindowLayer`) cannot."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 class Rows:
     """The running rows of `greedy_decode`: prompt index, prompt length, KV cache, attention mask over the cache
     (left padding 0), the position and the input token of each row's next step."""
 
-    def __init__(self, index, prompt_len, cache, mask, position, tokens=None):
+    def __init__(self, index, prompt_len, cache, mask, position):
         self.index, self.prompt_len, self.cache = index, prompt_len, cache
-        self.mask, self.position, self.tokens = mask, position, tokens
+        self.mask, self.position, self.tokens = mask, position, None
 
     @classmethod
     def prefill(cls, hf, index: list[int], prompts: list[list[int]], pad_id: int, device):

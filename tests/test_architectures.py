@@ -10,6 +10,7 @@ import transformers
 
 from hftoolkit.data import pack_collate, pad_collate
 from hftoolkit.evaluation import token_losses
+from hftoolkit.generation import Decoding
 from hftoolkit.speedups import enable_target_only_head, packing_keeps_examples_apart, speed_up
 from tests.conftest import tiny_overrides
 
@@ -171,3 +172,32 @@ def test_other_architectures_train_from_a_checkpoint(arch, tmp_path, cli, gpt2_t
     leak = "data.packing: OPTForCausalLM lets packed examples attend to each other"
     assert (leak in stdout) == (arch == "opt")
     assert (out / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "opt"])
+def test_greedy_decode_equals_generate_on_every_architecture(arch):
+    """greedy_decode's tokens are model.generate's on each architecture: for one left-padded batch, rows leaving at
+    different steps; and under a budget that makes it refill, each prompt's tokens alone. GPT-Neo's local layers
+    (window 8, prompts up to 20 tokens) count their window back from each query, so padding columns added on the
+    left of a row or cut from it move nothing it sees; a cache that keeps only a window of columns (Mistral-style
+    sliding layers) is not refilled."""
+    from hftoolkit.generation import can_decode_greedily, columns_movable, greedy_decode, left_pad
+    from tests.test_generation import _generate_reference
+
+    model = _tiny(arch).eval()
+    assert can_decode_greedily(model, Decoding(), synced_gpus=False)
+    assert columns_movable(model.config)
+    sliding = transformers.MistralConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, sliding_window=4
+    )
+    assert not columns_movable(sliding)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (12, 3, 9, 20, 5, 14, 7)]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    free = _generate_reference(model, ids, mask, {0}, 10)
+    eos = {free[1][2], free[3][4]}
+    batch = _generate_reference(model, ids, mask, eos, 10)
+    assert len({len(r) for r in batch}) >= 2
+    assert greedy_decode(model, prompts, 0, eos, 10) == batch
+    alone = [_generate_reference(model, *left_pad([p], 0, "cpu"), eos, 10)[0] for p in prompts]
+    assert greedy_decode(model, prompts, 0, eos, 10, budget=3 * (20 + 10), max_rows=3) == alone
