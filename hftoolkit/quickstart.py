@@ -37,8 +37,7 @@ def passed(entry: dict, baseline: float | None, final: float | None) -> bool:
 
 
 def run_quickstart(output_root: str, tasks: list[str] | None = None) -> str:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
+    from hftoolkit.run import reset_accelerate_state
     from hftoolkit.train import train
 
     for t in tasks or []:
@@ -54,10 +53,7 @@ def run_quickstart(output_root: str, tasks: list[str] | None = None) -> str:
         start = time.perf_counter()
         results = train(recipe)
         rows.append((entry, recipe.task, results, time.perf_counter() - start, recipe.output_dir))
-        # Each recipe gets a fresh accelerator (its state is a process-wide singleton).
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+        reset_accelerate_state()  # each recipe gets a fresh accelerator
     return format_table(rows)
 
 

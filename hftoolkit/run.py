@@ -566,6 +566,18 @@ def check_output_dir(recipe: Recipe, mode: str) -> None:
         )
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (AcceleratorState, GradientState, PartialState are singletons): the
+    next Accelerator is set up from its own arguments and the environment only. Without this, a second
+    Accelerator in one process keeps the first one's settings: after an Accelerator(mixed_precision="bf16"),
+    one built with mixed_precision unset runs under bf16 autocast too."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
