@@ -8,11 +8,11 @@ a. training examples/s: hftoolkit's own setup and step, called from the library 
    label_pad_token_id=-100), and against TRL's SFTTrainer (pre-tokenized prompt-completion data,
    completion_only_loss; padded, and padding-free) when trl is installed (the `bench` extra). Same model init,
    same tokenized examples in the same order, same batch, same AdamW/lr/schedule/clipping, dropout 0, no eval.
-b. generation-based eval: the generation setup of a run (build_generation_eval: decoding, prompts, token-budget
-   batches) and generate_predictions, against an examples-style loop (dataset order, left-padded batches,
-   model.generate, cut at the stop string afterwards). Same model, same prompt token ids, same max_new_tokens,
-   greedy. Twice: on the one-epoch model of (a), which rarely stops (the worst case), and on that model trained
-   on until its completions stop (the headline).
+b. generation-based eval: the generation setup of a run (build_generation_eval: decoding, prompts, token
+   budget) and generate_predictions (continuous batching), against an examples-style loop (dataset order,
+   left-padded batches, model.generate, cut at the stop string afterwards). Same model, same prompt token ids,
+   same max_new_tokens, greedy, fp32. Twice: on the one-epoch model of (a), which rarely stops (the worst case), and on that model trained
+   on over the eval rows until its completions end at lengths spread like the references' (the headline).
 c. CPU FLOP/s of a GPT-2-124M-shape training step against the fp32 matmul peak measured in the same run.
 
 Not part of the test suite. See benchmarks/README.md for what each number means and the last measured figures.
@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
 
-# What each mode runs. `quick` takes 7-8 minutes on an idle 2-core machine (10-14 when others load it); `full` is
+# What each mode runs. `quick` takes about 15 minutes on an idle 2-core machine with TRL installed; `full` is
 # the same with more data and the 6-layer preset; `smoke` only checks that every path runs (about two minutes).
 SETTINGS = {
     "smoke": {
@@ -1218,7 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small settings: 7-8 min on 2 idle CPU cores without TRL (TRL's CPU epochs add more)",
+        help="small settings: about 15 min on 2 idle CPU cores with TRL installed",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny settings: check that every path runs")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
