@@ -55,6 +55,7 @@ STOP = f"{UNIT}::test_stop_strings_end_generation"
 GEN = "tests/test_generation.py"
 FAST_GREEDY = f"{GEN}::test_greedy_decode_equals_generate_when_rows_finish_at_different_steps"
 REFILL = f"{GEN}::test_continuous_batching_equals_generate_prompt_by_prompt"
+REPEATED_BATCH = f"{GEN}::test_a_batch_repeated_for_lockstep_gives_each_prediction_once"
 FAST_GREEDY_STOP = f"{GEN}::test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string"
 DECODING = f"{UNIT}::test_beam_search_and_sampling_run_and_are_seeded"
 MAX_NEW = f"{UNIT}::test_default_max_new_tokens_by_hand"
@@ -195,7 +196,7 @@ MUTANTS = [
     M("predictions-keep-duplicates", "hftoolkit/evaluation.py",
       'return sorted({r["index"]: r for r in results}.values(), key=lambda r: r["index"])',
       'return sorted(results, key=lambda r: r["index"])',
-      (MULTIPROC,)),
+      (MULTIPROC, REPEATED_BATCH)),
     M("default-max-new-tokens-without-slack", "hftoolkit/evaluation.py",
       "return min(256, int(longest * 1.25) + 4)", "return min(256, int(longest * 1.25))",
       (MAX_NEW,)),

@@ -203,3 +203,24 @@ def test_beams_sampling_and_lockstep_go_through_generate(gpt2_tokenizer):
         pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
     )  # fmt: skip
     assert texts == tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_a_batch_repeated_for_lockstep_gives_each_prediction_once(gpt2_tokenizer):
+    """A rank short of a batch repeats one (build_generation_loader: sharded models generate in lockstep);
+    generate_predictions returns each example once, in order, on the batch-by-batch path (beam search here) as on
+    the greedy one (which skips the repeat)."""
+    from accelerate import Accelerator
+
+    from hftoolkit.evaluation import GenerationLoader, GenerationSet, generate_predictions
+    from hftoolkit.tasks import get_task
+
+    tok = gpt2_tokenizer
+    tok.pad_token = tok.eos_token
+    model = tiny_gpt2(vocab_size=50257, n_positions=128, seed=2).eval()
+    prompts = [tok(t)["input_ids"] for t in ("Hello there", "Hi", "Once upon a time")]
+    gen_set = GenerationSet(prompts, ["a", "b", "c"], [["x"], ["y"], ["z"]])
+    loader = GenerationLoader([[0, 1], [2], [2]], budget=1000, max_rows=8)
+    task, acc = get_task("summarization"), Accelerator(cpu=True)
+    for decoding in (Decoding(max_new_tokens=4, num_beams=2), Decoding(max_new_tokens=4)):
+        preds = generate_predictions(acc, model, tok, task, gen_set, loader, decoding)
+        assert [p["index"] for p in preds] == [0, 1, 2]
