@@ -227,12 +227,11 @@ def train_hftoolkit(recipe, model, train_ds, tokenizer, epoch: int = 0) -> dict:
 
     from hftoolkit.checkpoint import Progress
     from hftoolkit.data import build_train_loader, steps_per_epoch
-    from hftoolkit.run import make_accelerator, prepare_model, reset_accelerate_state
+    from hftoolkit.run import make_accelerator, prepare_model
     from hftoolkit.train import build_optimizer, build_scheduler, epoch_windows, optimizer_step
 
     cfg, data = recipe.train, recipe.data
-    reset_accelerate_state()  # a baseline's Accelerator must not leave its settings behind (see reset_accelerate_state)
-    acc = make_accelerator(recipe)
+    acc = make_accelerator(recipe)  # its own accelerate state: an earlier TRL run's bf16 does not carry over
     assert acc.mixed_precision == "no", acc.mixed_precision  # every side trains in fp32
     model, packing, targets_only = prepare_model(model, recipe, acc)
     assert packing, "the packing probe turned packing off: the comparison below assumes packed batches"
@@ -368,9 +367,6 @@ def train_hf_trainer(recipe, model, train_ds, tokenizer, order: list[int], outpu
     input_ids with the pad token and labels with -100, per batch, to the batch's longest example."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from hftoolkit.run import reset_accelerate_state
-
-    reset_accelerate_state()
     record = step_recorder()
     trainer = Trainer(
         model=model,
@@ -416,9 +412,6 @@ def train_trl(
     default fused LM head scores target positions only, like ours."""
     from trl import SFTConfig, SFTTrainer
 
-    from hftoolkit.run import reset_accelerate_state
-
-    reset_accelerate_state()
     record = step_recorder()
     args = SFTConfig(
         **trainer_arguments(recipe, output_dir),
@@ -824,13 +817,12 @@ def generation_run(bench: Bench, prepared: Prepared, model):
     from datasets import Dataset
 
     from hftoolkit.modeling import context_length
-    from hftoolkit.run import Run, build_generation_eval, make_accelerator, reset_accelerate_state
+    from hftoolkit.run import Run, build_generation_eval, make_accelerator
 
     recipe, task, tokenizer, _, _ = prepared
     # The trained model carries hftoolkit's targets-only forward, which only training calls (generate goes through
     # the class forward). Both sides get the stock forward here.
     model.__dict__.pop("forward", None)
-    reset_accelerate_state()
     gen = Run(recipe, make_accelerator(recipe), task, model, tokenizer, context=context_length(model))
     assert gen.accelerator.mixed_precision == "no", gen.accelerator.mixed_precision
     build_generation_eval(gen, Dataset.from_list(bench.eval_rows))
@@ -974,13 +966,12 @@ def step_throughput(
     (backward_window, clip, build_optimizer's AdamW, build_scheduler's schedule), each timed on its own, under
     make_accelerator's Accelerator. `gpt2`: (recipe, model, tokenizer, targets_only). With `profile`, one more
     untimed forward+backward under torch.profiler says where the time goes."""
-    from hftoolkit.run import make_accelerator, reset_accelerate_state
+    from hftoolkit.run import make_accelerator
     from hftoolkit.speedups import target_positions
     from hftoolkit.train import backward_window, build_optimizer, build_scheduler
 
     recipe, model, tokenizer, targets_only = gpt2
     cfg = recipe.train
-    reset_accelerate_state()
     acc = make_accelerator(recipe)
     assert acc.mixed_precision == "no", (
         acc.mixed_precision
@@ -1061,7 +1052,6 @@ def bench_flops(settings: dict, workdir: Path) -> dict:
         load_model,
         make_accelerator,
         prepare_model,
-        reset_accelerate_state,
         resolve_recipe,
     )
 
@@ -1086,7 +1076,6 @@ def bench_flops(settings: dict, workdir: Path) -> dict:
     def gpt2() -> tuple:
         """A fresh model, loaded and prepared as a run does it (load_model, then prepare_model: speed_up)."""
         model, tokenizer = load_model(recipe, task, {})
-        reset_accelerate_state()
         model, _, targets_only = prepare_model(model, recipe, make_accelerator(recipe))
         return recipe, model, tokenizer, targets_only
 

@@ -151,10 +151,12 @@ def greedy_decode(
     """
     from collections import deque
 
+    from transformers import DynamicCache
+
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(hf.parameters()).device
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
-    refill = columns_movable(hf.config)
+    refill = columns_movable(DynamicCache(config=hf.config))
     out: list[list[int]] = [[] for _ in prompts]
     queue = deque(range(len(prompts)))
     live: Rows | None = None
@@ -194,15 +196,14 @@ def worth_admitting(fits: int, waiting: int, running: int) -> bool:
     return fits == waiting or 3 * fits >= running
 
 
-def columns_movable(config) -> bool:
-    """Whether every layer of the model's KV cache is a plain `DynamicLayer`: full attention, or a window counted
-    back from each query as GPT-Neo's local layers count it. Then cache columns can be padded on the left and
-    leading padding cut without moving any key relative to the queries that see it (tested on GPT-2, GPT-Neo,
-    GPT-NeoX and OPT). Caches that keep only a window of columns (`DynamicSlidingWindowLayer`) cannot."""
-    from transformers import DynamicCache
+def columns_movable(cache) -> bool:
+    """Whether every layer of a KV cache is a plain `DynamicLayer`: full attention, or a window counted back from
+    each query as GPT-Neo's local layers count it. Then cache columns can be padded on the left and leading
+    padding cut without moving any key relative to the queries that see it (tested on GPT-2, GPT-Neo, GPT-NeoX
+    and OPT). Caches that keep only a window of columns (`DynamicSlidingWindowLayer`) cannot."""
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 class Rows:
@@ -274,9 +275,9 @@ class Rows:
             return self
         width = max(self.mask.shape[1], new.mask.shape[1])
         for a, b in zip(self.cache.layers, new.cache.layers, strict=True):
-            a.keys = torch.cat([pad_columns(a.keys, width), pad_columns(b.keys, width)])
-            a.values = torch.cat([pad_columns(a.values, width), pad_columns(b.values, width)])
-        self.mask = torch.cat([pad_columns(self.mask, width), pad_columns(new.mask, width)])
+            a.keys = torch.cat([pad_columns(a.keys, width, -2), pad_columns(b.keys, width, -2)])
+            a.values = torch.cat([pad_columns(a.values, width, -2), pad_columns(b.values, width, -2)])
+        self.mask = torch.cat([pad_columns(self.mask, width, -1), pad_columns(new.mask, width, -1)])
         self.position = torch.cat([self.position, new.position])
         self.tokens = torch.cat([self.tokens, new.tokens])
         self.index += new.index
@@ -284,10 +285,8 @@ class Rows:
         return self
 
 
-def pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
-    """`t` with zeros in front of its column axis (dim -2 of a [rows, heads, columns, dim] cache tensor, dim -1 of
-    a [rows, columns] mask) up to `width` columns."""
-    dim = -1 if t.dim() == 2 else -2
+def pad_columns(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`t` with zeros in front of its column axis `dim` up to `width` columns."""
     missing = width - t.shape[dim]
     if missing == 0:
         return t
@@ -305,12 +304,10 @@ def last_logits(hf) -> dict:
 
 def drop_padding_columns(cache, mask: torch.Tensor) -> torch.Tensor:
     """Cut the leading cache columns that are padding in every remaining row (they were the left padding of rows
-    that have left the batch); returns the mask to match. Only full-attention dynamic layers are cut: a sliding
-    window layer's columns are not aligned with the mask."""
-    from transformers.cache_utils import DynamicLayer
-
+    that have left the batch); returns the mask to match. Only a cache whose columns can move is cut
+    (`columns_movable`)."""
     first = int(mask.any(dim=0).long().argmax())
-    if first == 0 or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if first == 0 or not columns_movable(cache):
         return mask
     for layer in cache.layers:
         layer.keys = layer.keys[..., first:, :]

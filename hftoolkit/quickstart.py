@@ -37,7 +37,6 @@ def passed(entry: dict, baseline: float | None, final: float | None) -> bool:
 
 
 def run_quickstart(output_root: str, tasks: list[str] | None = None) -> str:
-    from hftoolkit.run import reset_accelerate_state
     from hftoolkit.train import train
 
     for t in tasks or []:
@@ -53,7 +52,6 @@ def run_quickstart(output_root: str, tasks: list[str] | None = None) -> str:
         start = time.perf_counter()
         results = train(recipe)
         rows.append((entry, recipe.task, results, time.perf_counter() - start, recipe.output_dir))
-        reset_accelerate_state()  # each recipe gets a fresh accelerator
     return format_table(rows)
 
 

@@ -567,10 +567,10 @@ def check_output_dir(recipe: Recipe, mode: str) -> None:
 
 
 def reset_accelerate_state() -> None:
-    """Forget accelerate's process-wide state (AcceleratorState, GradientState, PartialState are singletons): the
-    next Accelerator is set up from its own arguments and the environment only. Without this, a second
-    Accelerator in one process keeps the first one's settings: after an Accelerator(mixed_precision="bf16"),
-    one built with mixed_precision unset runs under bf16 autocast too."""
+    """Forget accelerate's process-wide state (AcceleratorState, GradientState, PartialState are singletons), so the
+    next Accelerator is set up from its own arguments and the environment only, as transformers' TrainingArguments
+    does for each Trainer. Without this, an Accelerator built earlier in the same process (TRL's SFTTrainer:
+    bf16=True by default) hands its mixed precision on to the next one built with mixed_precision unset."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
@@ -582,6 +582,7 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    reset_accelerate_state()  # this run's recipe and environment only, not an earlier Accelerator's settings
     kwargs = {}
     if recipe.train.mixed_precision is not None:
         kwargs["mixed_precision"] = recipe.train.mixed_precision

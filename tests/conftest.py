@@ -198,14 +198,9 @@ def _reset_accelerate_state():
     handlers = list(logging.getLogger().handlers)
     yield
     logging.getLogger().handlers[:] = handlers
-    try:
-        from accelerate.state import AcceleratorState, GradientState, PartialState
+    from hftoolkit.run import reset_accelerate_state
 
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-    except ImportError:
-        pass
+    reset_accelerate_state()
 
 
 def tiny_overrides(out: Path, **extra) -> list[str]:

@@ -55,6 +55,7 @@ STOP = f"{UNIT}::test_stop_strings_end_generation"
 GEN = "tests/test_generation.py"
 FAST_GREEDY = f"{GEN}::test_greedy_decode_equals_generate_when_rows_finish_at_different_steps"
 REFILL = f"{GEN}::test_continuous_batching_equals_generate_prompt_by_prompt"
+ACC_STATE = "tests/test_distributed.py::test_a_run_does_not_inherit_an_earlier_accelerators_precision"
 REPEATED_BATCH = f"{GEN}::test_a_batch_repeated_for_lockstep_gives_each_prediction_once"
 FAST_GREEDY_STOP = f"{GEN}::test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string"
 DECODING = f"{UNIT}::test_beam_search_and_sampling_run_and_are_seeded"
@@ -230,6 +231,9 @@ MUTANTS = [
       "over_budget = budget is not None and (rows + 1) * (longest + max_new_tokens) > budget",
       "over_budget = False",
       (REFILL,)),
+    M("run-inherits-an-earlier-accelerators-state", "hftoolkit/run.py",
+      "reset_accelerate_state()  # this run's recipe and environment only, not an earlier Accelerator's settings",
+      "pass", (ACC_STATE,)),
     # -- checkpoints and errors
     M("save-total-limit-off-by-one", "hftoolkit/checkpoint.py",
       "for old in list_checkpoints(checkpoints_dir)[:-keep]:",

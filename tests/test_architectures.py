@@ -181,16 +181,18 @@ def test_greedy_decode_equals_generate_on_every_architecture(arch):
     (window 8, prompts up to 20 tokens) count their window back from each query, so padding columns added on the
     left of a row or cut from it move nothing it sees; a cache that keeps only a window of columns (Mistral-style
     sliding layers) is not refilled."""
+    from transformers import DynamicCache
+
     from hftoolkit.generation import can_decode_greedily, columns_movable, greedy_decode, left_pad
     from tests.test_generation import _generate_reference
 
     model = _tiny(arch).eval()
     assert can_decode_greedily(model, Decoding(), synced_gpus=False)
-    assert columns_movable(model.config)
+    assert columns_movable(DynamicCache(config=model.config))
     sliding = transformers.MistralConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, sliding_window=4
     )
-    assert not columns_movable(sliding)
+    assert not columns_movable(DynamicCache(config=sliding))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (12, 3, 9, 20, 5, 14, 7)]
     ids, mask = left_pad(prompts, 0, "cpu")

@@ -102,3 +102,17 @@ def test_two_processes_train_and_score_like_one(tmp_path, cli, record_property):
     assert len(p2) == 7 and p2 == p1  # no duplicate from the padded last batches, same order, same text
     s1 = json.loads((scored / "results.json").read_text())["final"]
     assert r2 == s1
+
+
+def test_a_run_does_not_inherit_an_earlier_accelerators_precision(tmp_path):
+    """accelerate keeps its state process-wide: after an Accelerator(mixed_precision="bf16") (what TRL's SFTTrainer
+    builds by default), a recipe that leaves train.mixed_precision unset must still get its own default, fp32."""
+    from accelerate import Accelerator
+
+    from hftoolkit.config import load_recipe
+    from hftoolkit.run import make_accelerator
+
+    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
+    recipe = load_recipe(None, ["task=generation", f"output_dir={tmp_path}", "data.synthetic={num_train: 8}"])
+    assert recipe.train.mixed_precision is None
+    assert make_accelerator(recipe).mixed_precision == "no"
