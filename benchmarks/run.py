@@ -786,7 +786,7 @@ def count_forwards(model, prompt_tokens: int):
     }
 
     def hook(module, args, kwargs, output):
-        rows, cols = kwargs["input_ids"].shape
+        rows, cols = (args[0] if args else kwargs["input_ids"]).shape
         seen["forward_calls"] += 1
         if cols > 1:
             seen["prefill_calls"] += 1
@@ -795,7 +795,8 @@ def count_forwards(model, prompt_tokens: int):
             seen["decode_rows"] += rows
         seen["max_kv_tokens"] = max(seen["max_kv_tokens"], rows * kwargs["attention_mask"].shape[1])
 
-    handle = model.register_forward_hook(hook, with_kwargs=True)
+    # The transformer, not the model: hftoolkit's greedy decoding calls it and the output embedding itself.
+    handle = model.base_model.register_forward_hook(hook, with_kwargs=True)
     try:
         yield seen
     finally:

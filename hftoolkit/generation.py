@@ -35,6 +35,12 @@ class Decoding:
         return kwargs
 
 
+# On CPU a prefill runs fastest in forwards of about this many positions: then the activations of the
+# element-wise ops (GPT-2's tanh GELU is six of them) stay in cache. GPT-2-tiny, 16 prompts of 400 tokens:
+# 100 ms in one forward, 73 ms in four; 211 of 31: 109 ms, 89 ms in four (benchmarks/README.md, b).
+CPU_PREFILL_POSITIONS = 2048
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -157,6 +163,10 @@ def greedy_decode(
     device = next(hf.parameters()).device
     eos = torch.tensor(sorted(set(eos_ids)), device=device)
     refill = columns_movable(DynamicCache(config=hf.config))
+    # A row feeds at most max_new_tokens - 1 tokens after its prompt: the columns its cache can still need.
+    reserve = max_new_tokens if refill else None
+    chunk = CPU_PREFILL_POSITIONS if refill and device.type == "cpu" else None
+    head = plain_head(hf)
     out: list[list[int]] = [[] for _ in prompts]
     queue = deque(range(len(prompts)))
     live: Rows | None = None
@@ -165,12 +175,22 @@ def greedy_decode(
         if take and (live is None or (refill and worth_admitting(len(take), len(queue), len(live.index)))):
             for _ in take:
                 queue.popleft()
-            new, logits = Rows.prefill(hf, take, [prompts[i] for i in take], pad_id, device)
-            new = new.pick(logits, out, eos, max_new_tokens)
+            new, last = Rows.prefill(
+                hf, head, take, [prompts[i] for i in take], pad_id, device, reserve, chunk
+            )
+            if live is not None and head is not None:
+                # One pass over the output embedding for the running rows' step and the new rows' prefill.
+                running = len(live.index)
+                tokens = greedy_linear(torch.cat([live.step(hf, head), last]), head)
+                live = live.pick(tokens[:running], out, eos, max_new_tokens)
+                new = new.pick(tokens[running:], out, eos, max_new_tokens)
+                live = new if live is None else live.merge(new)
+                continue
+            new = new.pick(next_tokens(last, head), out, eos, max_new_tokens)
             live = new if live is None else live.merge(new)
             if live is None:
                 continue
-        live = live.pick(live.step(hf), out, eos, max_new_tokens)
+        live = live.pick(next_tokens(live.step(hf, head), head), out, eos, max_new_tokens)
     return out
 
 
@@ -203,7 +223,9 @@ def columns_movable(cache) -> bool:
     and OPT). Caches that keep only a window of columns (`DynamicSlidingWindowLayer`) cannot."""
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    from hftoolkit.kv_cache import ColumnBuffer
+
+    return all(type(layer) in (DynamicLayer, ColumnBuffer) for layer in cache.layers)
 
 
 class Rows:
@@ -215,40 +237,57 @@ class Rows:
         self.mask, self.position, self.tokens = mask, position, None
 
     @classmethod
-    def prefill(cls, hf, index: list[int], prompts: list[list[int]], pad_id: int, device):
-        """New rows after their prompts' forward (left-padded together), and the logits of its last position."""
+    def prefill(
+        cls,
+        hf,
+        head,
+        index: list[int],
+        prompts: list[list[int]],
+        pad_id: int,
+        device,
+        reserve=None,
+        chunk=None,
+    ):
+        """New rows after their prompts' forward (left-padded together), and `forward_last` of it.
+        `reserve`: the cache is `ColumnBuffer`s with that many spare columns (None: plain `DynamicCache`).
+        `chunk`: one forward per group of consecutive prompts of at most that many positions once padded, the
+        groups' caches then stacked (needs `reserve`)."""
+        groups = prefill_groups(prompts, chunk) if chunk is not None else [range(len(prompts))]
+        if len(groups) > 1:
+            parts = [
+                cls.prefill(hf, head, [index[i] for i in g], [prompts[i] for i in g], pad_id, device, reserve)
+                for g in groups
+            ]
+            return cls.stack([rows for rows, _ in parts]), torch.cat([last for _, last in parts])
         from transformers import DynamicCache
+
+        from hftoolkit.kv_cache import ColumnBuffer
 
         ids, mask = left_pad(prompts, pad_id, device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=hf.config)
-        logits = hf(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            **last_logits(hf),
-        ).logits
-        return cls(list(index), [len(p) for p in prompts], cache, mask, positions[:, -1:] + 1), logits
+        if reserve is not None:
+            cache.layers = [ColumnBuffer(reserve) for _ in cache.layers]
+        last = forward_last(hf, head, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
+        return cls(list(index), [len(p) for p in prompts], cache, mask, positions[:, -1:] + 1), last
 
-    def step(self, hf) -> torch.Tensor:
-        """One decoding forward: each row's last token in, the next logits out."""
+    def step(self, hf, head) -> torch.Tensor:
+        """One decoding forward, each row's last token in: `forward_last` of it."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        logits = hf(
+        last = forward_last(
+            hf,
+            head,
             input_ids=self.tokens[:, None],
             attention_mask=self.mask,
             position_ids=self.position,
             cache=self.cache,
-            use_cache=True,
-        ).logits
+        )
         self.position = self.position + 1
-        return logits
+        return last
 
-    def pick(self, logits, out: list[list[int]], eos: torch.Tensor, max_new_tokens: int) -> Rows | None:
+    def pick(self, tokens, out: list[list[int]], eos: torch.Tensor, max_new_tokens: int) -> Rows | None:
         """The greedy token of each row appended to its output; rows that end (an EOS id, or max_new_tokens
         tokens) leave, with their cache. None once no row is left."""
-        tokens = logits[:, -1].float().argmax(-1)
         finished = torch.isin(tokens, eos)
         for row, (i, token) in enumerate(zip(self.index, tokens.tolist(), strict=True)):
             out[i].append(token)
@@ -257,11 +296,13 @@ class Rows:
         self.tokens = tokens
         if not finished.any():
             return self
-        keep = (~finished).nonzero().squeeze(1)
-        if keep.numel() == 0:
+        from hftoolkit.kv_cache import compacting_order
+
+        rows = compacting_order(finished.tolist())
+        if not rows:
             return None
+        keep = torch.tensor(rows, device=tokens.device)
         self.cache.batch_select_indices(keep)
-        rows = keep.tolist()
         self.index = [self.index[r] for r in rows]
         self.prompt_len = [self.prompt_len[r] for r in rows]
         self.tokens, self.mask, self.position = tokens[keep], self.mask[keep], self.position[keep]
@@ -269,20 +310,44 @@ class Rows:
         return self
 
     def merge(self, new: Rows | None) -> Rows:
-        """These rows and `new` ones in one batch: the narrower cache (and mask) padded on the left to the
-        wider one's columns, then both stacked."""
-        if new is None:
-            return self
-        width = max(self.mask.shape[1], new.mask.shape[1])
-        for a, b in zip(self.cache.layers, new.cache.layers, strict=True):
-            a.keys = torch.cat([pad_columns(a.keys, width, -2), pad_columns(b.keys, width, -2)])
-            a.values = torch.cat([pad_columns(a.values, width, -2), pad_columns(b.values, width, -2)])
-        self.mask = torch.cat([pad_columns(self.mask, width, -1), pad_columns(new.mask, width, -1)])
-        self.position = torch.cat([self.position, new.position])
-        self.tokens = torch.cat([self.tokens, new.tokens])
-        self.index += new.index
-        self.prompt_len += new.prompt_len
-        return self
+        """These rows and `new` ones (None: none) in one batch."""
+        return self if new is None else Rows.stack([self, new])
+
+    @staticmethod
+    def stack(parts: list[Rows]) -> Rows:
+        """The rows of `parts`, in order, in one batch (the first part's object): each cache and mask padded on
+        the left to the widest one's columns, then stacked."""
+        from hftoolkit.kv_cache import ColumnBuffer
+
+        rows = parts[0]
+        width = max(part.mask.shape[1] for part in parts)
+        for i, layer in enumerate(rows.cache.layers):
+            layers = [part.cache.layers[i] for part in parts]
+            if isinstance(layer, ColumnBuffer):
+                layer.stack(layers, width)
+                continue
+            layer.keys = torch.cat([pad_columns(other.keys, width, -2) for other in layers])
+            layer.values = torch.cat([pad_columns(other.values, width, -2) for other in layers])
+        rows.mask = torch.cat([pad_columns(part.mask, width, -1) for part in parts])
+        rows.position = torch.cat([part.position for part in parts])
+        tokens = [part.tokens for part in parts]
+        rows.tokens = None if any(t is None for t in tokens) else torch.cat(tokens)
+        rows.index = [i for part in parts for i in part.index]
+        rows.prompt_len = [n for part in parts for n in part.prompt_len]
+        return rows
+
+
+def prefill_groups(prompts: list[list[int]], positions: int) -> list[range]:
+    """Consecutive groups of `prompts`, each at most `positions` positions once left-padded to its longest
+    prompt (a longer prompt alone)."""
+    groups, start, longest = [], 0, 0
+    for i, prompt in enumerate(prompts):
+        longest = max(longest, len(prompt))
+        if i > start and (i - start + 1) * longest > positions:
+            groups.append(range(start, i))
+            start, longest = i, len(prompt)
+    groups.append(range(start, len(prompts)))
+    return groups
 
 
 def pad_columns(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -293,6 +358,61 @@ def pad_columns(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+# Architectures whose logits are their output embedding, a plain Linear, applied to the base model's last
+# hidden state and nothing more (tested against `generate` on each): greedy decoding calls the two itself.
+PLAIN_HEAD_MODELS = ("gpt2", "gpt_neo", "gpt_neox", "opt")
+
+# On CPU, greedy decoding computes at most about this many logits at once (4 MB in float32): more rows' logits
+# go a block of the vocabulary at a time, each block's best kept, so the logits never leave the cache.
+# GPT-2-tiny, 211 rows: 37 ms for the logits and their argmax at once, 19 ms in blocks (benchmarks/README.md, b).
+CPU_LOGITS_BLOCK = 1 << 20
+
+
+def plain_head(hf):
+    """The output embedding of `hf` when its logits are that Linear applied to `hf.base_model`'s last hidden
+    state (PLAIN_HEAD_MODELS; a LoRA-wrapped head does not count), else None."""
+    head = hf.get_output_embeddings()
+    return head if hf.config.model_type in PLAIN_HEAD_MODELS and type(head) is torch.nn.Linear else None
+
+
+def forward_last(hf, head, **inputs) -> torch.Tensor:
+    """A forward with a cache, reduced to what the next token needs: each row's last hidden state when `head`
+    (`plain_head`) is given, else its greedy next token."""
+    if head is not None:
+        return hf.base_model(**inputs, use_cache=True).last_hidden_state[:, -1]
+    return hf(**inputs, use_cache=True, **last_logits(hf)).logits[:, -1].float().argmax(-1)
+
+
+def next_tokens(last: torch.Tensor, head) -> torch.Tensor:
+    """The greedy next tokens from `forward_last`'s result."""
+    return last if head is None else greedy_linear(last, head)
+
+
+def greedy_linear(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """Each row's index of the largest `head(hidden)` value, the first one on ties, as `generate` picks it
+    (argmax of the logits in float32). On CPU, logits of more than CPU_LOGITS_BLOCK values are computed a block of
+    vocabulary rows at a time: the same values (a logit is one row's dot product, whatever the block), never all
+    in memory."""
+    rows, vocab = hidden.shape[0], head.out_features
+    if hidden.device.type != "cpu" or rows * vocab <= CPU_LOGITS_BLOCK:
+        return head(hidden).float().argmax(-1)
+    size = max(1, CPU_LOGITS_BLOCK // rows)
+    best = token = None
+    for start in range(0, vocab, size):
+        bias = None if head.bias is None else head.bias[start : start + size]
+        value, index = (
+            torch.nn.functional.linear(hidden, head.weight[start : start + size], bias).float().max(-1)
+        )
+        if best is None:
+            best, token = value, index
+            continue
+        # A later block wins only with a larger value (ties keep the first index), or with NaN, which argmax
+        # treats as the largest.
+        wins = (value > best) | (value.isnan() & ~best.isnan())
+        best, token = torch.where(wins, value, best), torch.where(wins, index + start, token)
+    return token
 
 
 def last_logits(hf) -> dict:
@@ -306,12 +426,17 @@ def drop_padding_columns(cache, mask: torch.Tensor) -> torch.Tensor:
     """Cut the leading cache columns that are padding in every remaining row (they were the left padding of rows
     that have left the batch); returns the mask to match. Only a cache whose columns can move is cut
     (`columns_movable`)."""
+    from hftoolkit.kv_cache import ColumnBuffer
+
     first = int(mask.any(dim=0).long().argmax())
     if first == 0 or not columns_movable(cache):
         return mask
     for layer in cache.layers:
-        layer.keys = layer.keys[..., first:, :]
-        layer.values = layer.values[..., first:, :]
+        if isinstance(layer, ColumnBuffer):
+            layer.drop_leading_columns(first)
+        else:
+            layer.keys = layer.keys[..., first:, :]
+            layer.values = layer.values[..., first:, :]
     return mask[:, first:]
 
 

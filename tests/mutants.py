@@ -55,6 +55,7 @@ STOP = f"{UNIT}::test_stop_strings_end_generation"
 GEN = "tests/test_generation.py"
 FAST_GREEDY = f"{GEN}::test_greedy_decode_equals_generate_when_rows_finish_at_different_steps"
 REFILL = f"{GEN}::test_continuous_batching_equals_generate_prompt_by_prompt"
+GREEDY_LINEAR = f"{GEN}::test_greedy_linear_equals_argmax_of_the_whole_logits"
 ACC_STATE = "tests/test_distributed.py::test_a_run_does_not_inherit_an_earlier_accelerators_precision"
 REPEATED_BATCH = f"{GEN}::test_a_batch_repeated_for_lockstep_gives_each_prediction_once"
 FAST_GREEDY_STOP = f"{GEN}::test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string"
@@ -220,9 +221,30 @@ MUTANTS = [
       "self.tokens, self.mask, self.position = tokens[keep], self.mask[keep], self.position[: len(keep)]",
       (FAST_GREEDY, REFILL)),
     M("refill-merges-positions-in-the-wrong-order", "hftoolkit/generation.py",
-      "self.position = torch.cat([self.position, new.position])",
-      "self.position = torch.cat([new.position, self.position])",
+      "rows.position = torch.cat([part.position for part in parts])",
+      "rows.position = torch.cat([part.position for part in parts[::-1]])",
       (REFILL,)),
+    M("prefill-chunks-give-their-tokens-in-the-wrong-order", "hftoolkit/generation.py",
+      "return cls.stack([rows for rows, _ in parts]), torch.cat([last for _, last in parts])",
+      "return cls.stack([rows for rows, _ in parts]), torch.cat([last for _, last in parts[::-1]])",
+      (REFILL,)),
+    M("refill-logits-split-at-the-wrong-row", "hftoolkit/generation.py",
+      "tokens = greedy_linear(torch.cat([live.step(hf, head), last]), head)",
+      "tokens = greedy_linear(torch.cat([last, live.step(hf, head)]), head)",
+      (REFILL,)),
+    M("vocabulary-blocks-ties-take-the-later-block", "hftoolkit/generation.py",
+      "wins = (value > best) | (value.isnan() & ~best.isnan())",
+      "wins = (value >= best) | (value.isnan() & ~best.isnan())",
+      (GREEDY_LINEAR,)),
+    M("compaction-keeps-a-finished-row", "hftoolkit/kv_cache.py",
+      "order[hole] = mover", "order[hole] = hole",
+      (FAST_GREEDY, REFILL)),
+    M("compaction-moves-rows-without-their-cache", "hftoolkit/kv_cache.py",
+      "moved = [row for row, source in enumerate(order) if source != row]", "moved = []",
+      (FAST_GREEDY, REFILL)),
+    M("decode-step-writes-its-column-at-the-wrong-place", "hftoolkit/kv_cache.py",
+      "end = self.start + held", "end = held",
+      (FAST_GREEDY, REFILL)),
     M("finished-rows-never-refilled", "hftoolkit/generation.py",
       "if take and (live is None or (refill and worth_admitting(len(take), len(queue), len(live.index)))):",
       "if take and (live is None or (False and worth_admitting(len(take), len(queue), len(live.index)))):",

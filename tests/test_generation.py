@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hftoolkit.evaluation import generation_batches
 from hftoolkit.generation import Decoding, generate_batch
 from tests.conftest import tiny_gpt2, tiny_overrides
@@ -112,14 +114,26 @@ def test_greedy_decode_equals_generate_when_rows_finish_at_different_steps():
     assert greedy_decode(model, prompts, 0, eos, 24) == expected
 
 
-def test_continuous_batching_equals_generate_prompt_by_prompt():
+@pytest.mark.parametrize("setting", ["as-is", "prefill-chunks-and-logit-blocks", "whole-model-forward"])
+def test_continuous_batching_equals_generate_prompt_by_prompt(setting, monkeypatch):
     """With a KV budget that holds only a few rows, greedy_decode refills the room of finished rows with the next
     prompts (new rows prefilled, then merged into the running batch, caches padded to one width); every prompt's
     tokens must still be model.generate's for that prompt alone. Prompts in a shuffled length order, so a longer
-    prompt joins shorter running rows and the other way round."""
+    prompt joins shorter running rows and the other way round. Three ways: as on this machine (the transformer
+    and the output embedding called apart, the new rows' logits computed with the running rows'); with prefills
+    split into forwards of at most 40 positions and logits computed 50 at a time in vocabulary blocks (on CPU
+    from 2048 positions and 2**20 logits); through the model's own forward (architectures not known to have a
+    plain output embedding)."""
     import torch
 
+    from hftoolkit import generation
     from hftoolkit.generation import greedy_decode, left_pad
+
+    if setting == "prefill-chunks-and-logit-blocks":
+        monkeypatch.setattr(generation, "CPU_PREFILL_POSITIONS", 40)
+        monkeypatch.setattr(generation, "CPU_LOGITS_BLOCK", 50)
+    elif setting == "whole-model-forward":
+        monkeypatch.setattr(generation, "PLAIN_HEAD_MODELS", ())
 
     model = tiny_gpt2(vocab_size=96, n_positions=128, seed=2).eval()
     with torch.no_grad():
@@ -135,8 +149,8 @@ def test_continuous_batching_equals_generate_prompt_by_prompt():
     eos = {free[1][2], free[6][5], free[9][1]}
     expected = [_generate_reference(model, *left_pad([p], 0, "cpu"), eos, 16)[0] for p in prompts]
     assert len({len(r) for r in expected}) >= 4 and max(map(len, expected)) == 16
-    shapes = []  # (rows, KV-cache columns) of every forward
-    handle = model.register_forward_hook(
+    shapes = []  # (rows, KV-cache columns) of every forward (of the transformer: greedy_decode calls it alone)
+    handle = model.base_model.register_forward_hook(
         lambda module, args, kwargs, out: shapes.append(tuple(kwargs["attention_mask"].shape)),
         with_kwargs=True,
     )
@@ -151,6 +165,35 @@ def test_continuous_batching_equals_generate_prompt_by_prompt():
     # refilling takes fewer.
     batch_by_batch = sum(max(map(len, expected[i : i + 4])) for i in range(0, len(prompts), 4))
     assert len(shapes) < batch_by_batch, (len(shapes), batch_by_batch)
+
+
+def test_greedy_linear_equals_argmax_of_the_whole_logits(monkeypatch):
+    """greedy_linear, logits computed a vocabulary block at a time, picks what argmax over all the logits picks:
+    the first index on a tie between blocks, the first NaN when there is one; with a bias and without."""
+    import torch
+
+    from hftoolkit import generation
+
+    monkeypatch.setattr(generation, "CPU_LOGITS_BLOCK", 7 * 10)  # 7 rows: blocks of 10 vocabulary rows
+    g = torch.Generator().manual_seed(0)
+    for bias in (False, True):
+        head = torch.nn.Linear(16, 95, bias=bias)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(95, 16, generator=g))
+            head.weight[73] = head.weight[12]  # rows 0-1 prefer these two: a tie across blocks
+            if bias:
+                head.bias.copy_(torch.randn(95, generator=g))
+                head.bias[73] = head.bias[12]
+        hidden = torch.randn(7, 16, generator=g)
+        hidden[:2] = head.weight[12].detach() * 5
+        hidden[2, 3] = float("nan")  # every logit NaN
+        with torch.no_grad():
+            expected = head(hidden).argmax(-1)
+            assert expected[0] == expected[1] == 12 and expected[2] == 0
+            assert torch.equal(generation.greedy_linear(hidden, head), expected)
+            head.weight[41, 0] = float("nan")  # logit 41 NaN in every row: argmax picks it
+            assert torch.equal(generation.greedy_linear(hidden[3:], head), head(hidden[3:]).argmax(-1))
+            assert set(generation.greedy_linear(hidden[3:], head).tolist()) == {41}
 
 
 def test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string(gpt2_tokenizer):
