@@ -774,7 +774,7 @@ def eval_examples_loop(model, tokenizer, task, prompts: list[list[int]], decodin
 
 @contextlib.contextmanager
 def count_forwards(model, prompt_tokens: int):
-    """What the model's forwards computed, the same way for both sides: calls (prefills: more than one input
+    """What the transformer's forwards computed, the same way for both sides: calls (prefills: more than one input
     column), prefill positions and the share of them that is left padding, rows fed per decode step, and the
     largest KV cache of one forward (rows × attention-mask columns)."""
     seen = {

@@ -154,6 +154,11 @@ def greedy_decode(
     them, and keys of other rows (or padding) never mix in, so the tokens match `generate`'s (tested against it).
     Models whose cache keeps only a window of columns keep their batches whole (`columns_movable`): the next
     prompts start when the running ones are done.
+
+    For the GPT-2 family (`plain_head`) the output embedding is applied here, to the rows' last hidden states:
+    rows just prefilled take their first token from the same pass as the running rows' next one, and on CPU large
+    batches' logits go a vocabulary block at a time (`greedy_linear`). The cache changes in place (`ColumnBuffer`)
+    and, on CPU, prefills run in forwards of at most CPU_PREFILL_POSITIONS positions.
     """
     from collections import deque
 
