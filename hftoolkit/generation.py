@@ -188,11 +188,9 @@ def greedy_decode(
                 running = len(live.index)
                 tokens = greedy_linear(torch.cat([live.step(hf, head), last]), head)
                 live = live.pick(tokens[:running], out, eos, max_new_tokens)
-                new = new.pick(tokens[running:], out, eos, max_new_tokens)
-                live = new if live is None else live.merge(new)
+                live = join(live, new.pick(tokens[running:], out, eos, max_new_tokens))
                 continue
-            new = new.pick(next_tokens(last, head), out, eos, max_new_tokens)
-            live = new if live is None else live.merge(new)
+            live = join(live, new.pick(next_tokens(last, head), out, eos, max_new_tokens))
             if live is None:
                 continue
         live = live.pick(next_tokens(live.step(hf, head), head), out, eos, max_new_tokens)
@@ -228,9 +226,7 @@ def columns_movable(cache) -> bool:
     and OPT). Caches that keep only a window of columns (`DynamicSlidingWindowLayer`) cannot."""
     from transformers.cache_utils import DynamicLayer
 
-    from hftoolkit.kv_cache import ColumnBuffer
-
-    return all(type(layer) in (DynamicLayer, ColumnBuffer) for layer in cache.layers)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 class Rows:
@@ -314,32 +310,30 @@ class Rows:
         self.mask = drop_padding_columns(self.cache, self.mask)
         return self
 
-    def merge(self, new: Rows | None) -> Rows:
-        """These rows and `new` ones (None: none) in one batch."""
-        return self if new is None else Rows.stack([self, new])
-
     @staticmethod
     def stack(parts: list[Rows]) -> Rows:
-        """The rows of `parts`, in order, in one batch (the first part's object): each cache and mask padded on
-        the left to the widest one's columns, then stacked."""
-        from hftoolkit.kv_cache import ColumnBuffer
-
+        """The rows of `parts` (caches of `ColumnBuffer`s), in order, in one batch (the first part's object): each
+        cache and mask padded on the left to the widest one's columns, then stacked."""
         rows = parts[0]
         width = max(part.mask.shape[1] for part in parts)
         for i, layer in enumerate(rows.cache.layers):
-            layers = [part.cache.layers[i] for part in parts]
-            if isinstance(layer, ColumnBuffer):
-                layer.stack(layers, width)
-                continue
-            layer.keys = torch.cat([pad_columns(other.keys, width, -2) for other in layers])
-            layer.values = torch.cat([pad_columns(other.values, width, -2) for other in layers])
-        rows.mask = torch.cat([pad_columns(part.mask, width, -1) for part in parts])
+            layer.stack([part.cache.layers[i] for part in parts], width)
+        rows.mask = torch.cat(
+            [torch.nn.functional.pad(part.mask, (width - part.mask.shape[1], 0)) for part in parts]
+        )
         rows.position = torch.cat([part.position for part in parts])
         tokens = [part.tokens for part in parts]
         rows.tokens = None if any(t is None for t in tokens) else torch.cat(tokens)
         rows.index = [i for part in parts for i in part.index]
         rows.prompt_len = [n for part in parts for n in part.prompt_len]
         return rows
+
+
+def join(live: Rows | None, new: Rows | None) -> Rows | None:
+    """The running rows and new ones in one batch (either may be None: none)."""
+    if live is None or new is None:
+        return new if live is None else live
+    return Rows.stack([live, new])
 
 
 def prefill_groups(prompts: list[list[int]], positions: int) -> list[range]:
@@ -353,16 +347,6 @@ def prefill_groups(prompts: list[list[int]], positions: int) -> list[range]:
             start, longest = i, len(prompt)
     groups.append(range(start, len(prompts)))
     return groups
-
-
-def pad_columns(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """`t` with zeros in front of its column axis `dim` up to `width` columns."""
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 # Architectures whose logits are their output embedding, a plain Linear, applied to the base model's last
@@ -429,19 +413,15 @@ def last_logits(hf) -> dict:
 
 def drop_padding_columns(cache, mask: torch.Tensor) -> torch.Tensor:
     """Cut the leading cache columns that are padding in every remaining row (they were the left padding of rows
-    that have left the batch); returns the mask to match. Only a cache whose columns can move is cut
-    (`columns_movable`)."""
+    that have left the batch); returns the mask to match. Only a cache of `ColumnBuffer`s is cut: greedy_decode
+    makes one when the columns can move (`columns_movable`)."""
     from hftoolkit.kv_cache import ColumnBuffer
 
     first = int(mask.any(dim=0).long().argmax())
-    if first == 0 or not columns_movable(cache):
+    if first == 0 or not all(isinstance(layer, ColumnBuffer) for layer in cache.layers):
         return mask
     for layer in cache.layers:
-        if isinstance(layer, ColumnBuffer):
-            layer.drop_leading_columns(first)
-        else:
-            layer.keys = layer.keys[..., first:, :]
-            layer.values = layer.values[..., first:, :]
+        layer.drop_leading_columns(first)
     return mask[:, first:]
 
 

@@ -32,10 +32,11 @@ class ColumnBuffer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.hold(key_states[..., :0, :], value_states[..., :0, :])
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+            self.stack([self], 0)
         held, added = self.get_seq_length(), key_states.shape[-2]
-        if self.start + held + added > self.key_buffer.shape[-2]:
-            self.hold(self.keys, self.values, added)
+        if self.start + held + added > self.key_buffer.shape[-2]:  # only if more than `reserve` columns come
+            self.stack([self], held, added)
         end = self.start + held
         self.key_buffer[: self.rows, ..., end : end + added, :] = key_states
         self.value_buffer[: self.rows, ..., end : end + added, :] = value_states
@@ -45,17 +46,6 @@ class ColumnBuffer(DynamicLayer):
     def view(self, end: int) -> None:
         self.keys = self.key_buffer[: self.rows, ..., self.start : end, :]
         self.values = self.value_buffer[: self.rows, ..., self.start : end, :]
-
-    def hold(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
-        """Copy `keys` and `values` into new buffers with `room` + `reserve` free columns after them."""
-        shape = list(keys.shape)
-        held = shape[-2]
-        shape[-2] = held + room + self.reserve
-        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape)
-        self.key_buffer[..., :held, :] = keys
-        self.value_buffer[..., :held, :] = values
-        self.start, self.rows = 0, shape[0]
-        self.view(held)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows `indices`, in that order: each row whose place changes is copied to it, in the buffers."""
@@ -71,17 +61,18 @@ class ColumnBuffer(DynamicLayer):
         self.view(end)
 
     def drop_leading_columns(self, count: int) -> None:
+        end = self.start + self.get_seq_length()
         self.start += count
-        self.view(self.start + self.get_seq_length() - count)
+        self.view(end)
 
-    def stack(self, layers: list[ColumnBuffer], width: int) -> None:
-        """The rows of `layers` (this one among them), in order, in new buffers of this layer: each one's columns
-        right-aligned at `width`, zeros before them (masked out; zeros, not garbage, since attention multiplies
-        masked values by 0)."""
+    def stack(self, layers: list[ColumnBuffer], width: int, room: int = 0) -> None:
+        """Copy the rows of `layers` (this one among them), in order, into new buffers of this layer with `room`
+        + `reserve` free columns after `width`: each one's columns right-aligned at `width`, zeros before them
+        (masked out; zeros, not garbage, since attention multiplies masked values by 0)."""
         parts = [(layer.keys, layer.values) for layer in layers]
         shape = list(self.keys.shape)
         shape[0] = sum(keys.shape[0] for keys, _ in parts)
-        shape[-2] = width + self.reserve
+        shape[-2] = width + room + self.reserve
         key_buffer, value_buffer = self.keys.new_empty(shape), self.values.new_empty(shape)
         row = 0
         for keys, values in parts:
