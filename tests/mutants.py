@@ -56,6 +56,7 @@ GEN = "tests/test_generation.py"
 FAST_GREEDY = f"{GEN}::test_greedy_decode_equals_generate_when_rows_finish_at_different_steps"
 REFILL = f"{GEN}::test_continuous_batching_equals_generate_prompt_by_prompt"
 GREEDY_LINEAR = f"{GEN}::test_greedy_linear_equals_argmax_of_the_whole_logits"
+ROW_MAX = f"{GEN}::test_row_max_equals_torch_max_and_argmax"
 ACC_STATE = "tests/test_distributed.py::test_a_run_does_not_inherit_an_earlier_accelerators_precision"
 REPEATED_BATCH = f"{GEN}::test_a_batch_repeated_for_lockstep_gives_each_prediction_once"
 FAST_GREEDY_STOP = f"{GEN}::test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string"
@@ -236,6 +237,14 @@ MUTANTS = [
       "wins = (value > best) | (value.isnan() & ~best.isnan())",
       "wins = (value >= best) | (value.isnan() & ~best.isnan())",
       (GREEDY_LINEAR,)),
+    M("argmax-ties-between-lanes-and-tail-take-the-tail", "hftoolkit/generation.py",
+      "wins = (tail_value > value) | (tail_value.isnan() & ~value.isnan())",
+      "wins = (tail_value >= value) | (tail_value.isnan() & ~value.isnan())",
+      (ROW_MAX,)),
+    M("argmax-index-misses-the-lane-offset", "hftoolkit/generation.py",
+      "value, index = lane_max[row, lane], lane * CPU_ARGMAX_LANE + lanes[row, lane].argmax(-1)",
+      "value, index = lane_max[row, lane], lane * (CPU_ARGMAX_LANE - 1) + lanes[row, lane].argmax(-1)",
+      (ROW_MAX,)),
     M("compaction-keeps-a-finished-row", "hftoolkit/kv_cache.py",
       "order[hole] = mover", "order[hole] = hole",
       (FAST_GREEDY, REFILL)),

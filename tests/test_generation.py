@@ -196,6 +196,39 @@ def test_greedy_linear_equals_argmax_of_the_whole_logits(monkeypatch):
             assert set(generation.greedy_linear(hidden[3:], head).tolist()) == {41}
 
 
+def test_row_max_equals_torch_max_and_argmax(monkeypatch):
+    """row_max (the maxima of lanes, then argmax over the lanes' maxima and within the winning lane) gives what
+    torch.max and argmax give: the first index of a value tied within a lane, across lanes and between the lanes
+    and the tail columns, the first NaN, infinities, widths below, at and above a lane."""
+    import torch
+
+    from hftoolkit import generation
+
+    monkeypatch.setattr(generation, "CPU_ARGMAX_LANE", 8)
+    g = torch.Generator().manual_seed(0)
+    for width in (5, 8, 13, 16, 45):
+        # Few distinct values: ties everywhere, in every position.
+        scores = torch.randint(0, 4, (64, width), generator=g).float()
+        scores[1] = 3.0
+        scores[2, -1] = 9.0  # the maximum in the tail only
+        scores[3, :] = float("-inf")
+        scores[4, width // 2] = float("inf")
+        scores[4, -1] = float("inf")  # a tie between a lane and the tail
+        scores[5, -1] = float("nan")  # NaN in the tail
+        scores[6, width // 3] = scores[6, -2] = float("nan")
+        scores[7, :] = float("nan")
+        value, index = generation.row_max(scores)
+        expected_value, expected_index = scores.max(-1)
+        assert torch.equal(index, scores.argmax(-1)), width
+        assert torch.equal(index, expected_index), width
+        assert torch.allclose(value, expected_value, equal_nan=True), width
+    monkeypatch.undo()
+    scores = torch.randn(16, 50257, generator=g)
+    scores[:8, 50250] = scores[:8, 301] = scores.max() + 1  # a tie between lane 1 and the tail
+    assert torch.equal(generation.row_max(scores)[1], scores.argmax(-1))
+    assert generation.row_max(scores)[1][:8].tolist() == [301] * 8
+
+
 def test_fast_greedy_path_equals_generate_then_cut_at_the_stop_string(gpt2_tokenizer):
     """generate_batch's greedy path (rows leave the batch at a stop token) gives, after the task's cut at the stop
     string, the predictions of the examples-style reference: model.generate without any stop, then the cut. The
