@@ -387,20 +387,12 @@ def greedy_linear(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
     if hidden.device.type != "cpu" or rows * vocab <= CPU_LOGITS_BLOCK:
         return row_max(head(hidden).float())[1]
     size = max(1, CPU_LOGITS_BLOCK // rows)
-    best = token = None
+    best = None
     for start in range(0, vocab, size):
         bias = None if head.bias is None else head.bias[start : start + size]
-        value, index = row_max(
-            torch.nn.functional.linear(hidden, head.weight[start : start + size], bias).float()
-        )
-        if best is None:
-            best, token = value, index
-            continue
-        # A later block wins only with a larger value (ties keep the first index), or with NaN, which argmax
-        # treats as the largest.
-        wins = (value > best) | (value.isnan() & ~best.isnan())
-        best, token = torch.where(wins, value, best), torch.where(wins, index + start, token)
-    return token
+        block = row_max(torch.nn.functional.linear(hidden, head.weight[start : start + size], bias).float())
+        best = block if best is None else later_wins(best, block, start)
+    return best[1]
 
 
 # PyTorch's CPU max/argmax over a row does not vectorise; amax does, about 15x faster. row_max takes the amax of
@@ -410,22 +402,27 @@ CPU_ARGMAX_LANE = 256
 
 
 def row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.max(-1)` of a 2-D tensor: each row's largest value and its first index, NaN counted as the largest
-    (as argmax counts it). Off CPU, or with fewer columns than a lane, it is that call."""
+    """Each row's largest value of a 2-D tensor and its index as `argmax` picks it: the first on ties, the first
+    NaN if there is one. Off CPU, or with fewer columns than a lane, through argmax itself."""
     rows, width = scores.shape
     full = width - width % CPU_ARGMAX_LANE
     if scores.device.type != "cpu" or full == 0:
-        return scores.max(-1)
+        index = scores.argmax(-1)
+        return scores.gather(-1, index[:, None]).squeeze(-1), index
     lanes = scores[:, :full].unflatten(1, (-1, CPU_ARGMAX_LANE))
     lane_max = lanes.amax(-1)  # NaN when the lane holds one
     lane = lane_max.argmax(-1)  # the first lane holding the row's maximum (or its first NaN)
     row = torch.arange(rows, device=scores.device)
-    value, index = lane_max[row, lane], lane * CPU_ARGMAX_LANE + lanes[row, lane].argmax(-1)
-    if full < width:  # the last width % lane columns: they win only with a larger value, or a first NaN
-        tail_value, tail_index = scores[:, full:].max(-1)
-        wins = (tail_value > value) | (tail_value.isnan() & ~value.isnan())
-        value, index = torch.where(wins, tail_value, value), torch.where(wins, tail_index + full, index)
-    return value, index
+    best = lane_max[row, lane], lane * CPU_ARGMAX_LANE + lanes[row, lane].argmax(-1)
+    return best if full == width else later_wins(best, row_max(scores[:, full:]), full)
+
+
+def later_wins(best, later, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`row_max` of a row's first columns merged with `row_max` of its columns from `offset` on: the later ones win
+    only with a larger value (ties keep the first index), or with NaN, which argmax treats as the largest."""
+    (value, index), (later_value, later_index) = best, later
+    wins = (later_value > value) | (later_value.isnan() & ~value.isnan())
+    return torch.where(wins, later_value, value), torch.where(wins, later_index + offset, index)
 
 
 def last_logits(hf) -> dict:
